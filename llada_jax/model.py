@@ -1,0 +1,225 @@
+"""The LLaDA Transformer in Flax NNX: bidirectional, LLaMA-style, no timestep.
+
+Per block (pre-norm, SPEC §1):
+  h = x + attn_out(Attn(RoPE(q_proj(n1)), RoPE(k_proj(n1)), v_proj(n1))), n1 = attn_norm(x)
+  y = h + ff_out(silu(ff_proj(n2)) * up_proj(n2)),                        n2 = ff_norm(h)
+then `ln_f` and the output head (`ff_out`, or the embedding when tied).
+
+Shapes: B batch, L length, D d_model, N heads, K kv heads, H head dim,
+F mlp hidden, V embedding_size, Y layers. Layer weights are stacked on a
+leading `layers` axis and run under `lax.scan` (one compiled layer).
+The module knows logical axis names only; `sharding.py` maps them to a mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from llada_jax import attention as attention_lib
+from llada_jax import sharding
+from llada_jax.config import ModelConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Rematerialisation policies for the scanned layer (names as in MaxText).
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+# Logical axis names of every parameter (per layer; scanned ones get `layers` first).
+PARAM_AXES = {
+    "wte": ("vocab", "embed"),
+    "ln_f": ("embed",),
+    "ff_out": ("embed", "vocab"),
+    "blocks/attn_norm": ("embed",),
+    "blocks/q_proj": ("embed", "heads", "head_dim"),
+    "blocks/k_proj": ("embed", "kv_heads", "head_dim"),
+    "blocks/v_proj": ("embed", "kv_heads", "head_dim"),
+    "blocks/attn_out": ("heads", "head_dim", "embed"),
+    "blocks/ff_norm": ("embed",),
+    "blocks/ff_proj": ("embed", "mlp"),
+    "blocks/up_proj": ("embed", "mlp"),
+    "blocks/ff_out": ("mlp", "embed"),
+}
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Shape of every parameter, keyed like PARAM_AXES (block ones with `layers`)."""
+  D, N, K, H, F, V, Y = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                         cfg.mlp_hidden_size, cfg.embedding_size, cfg.n_layers)
+  shapes = {
+      "wte": (V, D), "ln_f": (D,), "ff_out": (D, V),
+      "blocks/attn_norm": (Y, D), "blocks/q_proj": (Y, D, N, H),
+      "blocks/k_proj": (Y, D, K, H), "blocks/v_proj": (Y, D, K, H),
+      "blocks/attn_out": (Y, N, H, D), "blocks/ff_norm": (Y, D),
+      "blocks/ff_proj": (Y, D, F), "blocks/up_proj": (Y, D, F), "blocks/ff_out": (Y, F, D),
+  }
+  if cfg.weight_tying:
+    del shapes["ff_out"]
+  return shapes
+
+
+def _param(rngs: nnx.Rngs, kind: str, shape, names, dtype, fan_in: int = 1) -> nnx.Param:
+  if kind == "ones":
+    value = jnp.ones(shape, dtype)
+  else:  # truncated normal scaled by fan-in (std 0.02 for embeddings)
+    std = 0.02 if kind == "embed" else fan_in ** -0.5
+    value = std * jax.random.truncated_normal(rngs.params(), -3.0, 3.0, shape, jnp.float32)
+    value = value.astype(dtype)
+  return nnx.Param(value, sharding_names=tuple(names), eager_sharding=False)
+
+
+class Blocks(nnx.Module):
+  """All Transformer layers' weights, stacked on a leading `layers` axis."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    dtype = DTYPES[cfg.param_dtype]
+    shapes = param_shapes(cfg)
+    fan_in = {"q_proj": cfg.d_model, "k_proj": cfg.d_model, "v_proj": cfg.d_model,
+              "attn_out": cfg.d_model, "ff_proj": cfg.d_model, "up_proj": cfg.d_model,
+              "ff_out": cfg.mlp_hidden_size}
+    for name in ("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out",
+                 "ff_norm", "ff_proj", "up_proj", "ff_out"):
+      key = f"blocks/{name}"
+      kind = "ones" if name.endswith("norm") else "normal"
+      setattr(self, name, _param(rngs, kind, shapes[key], ("layers",) + PARAM_AXES[key],
+                                 dtype, fan_in.get(name, 1)))
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """x * rsqrt(mean(x²) + eps) with statistics in float32, then * weight."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def rope_tables(length: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """float32 (sin, cos) of shape [L, H] for half-split rotary embeddings."""
+  inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles_LH2 = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq_H2[None, :]
+  angles_LH = jnp.concatenate([angles_LH2, angles_LH2], axis=-1)
+  return jnp.sin(angles_LH), jnp.cos(angles_LH)
+
+
+def apply_rope(x_BLNH: jax.Array, sin_LH: jax.Array, cos_LH: jax.Array) -> jax.Array:
+  """Half-split ("rotate_half") rotary embedding, computed in float32."""
+  x = x_BLNH.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x * cos_LH[None, :, None, :] + rotated * sin_LH[None, :, None, :]
+  return out.astype(x_BLNH.dtype)
+
+
+def block_forward(p: dict[str, jax.Array], x_BLD: jax.Array, mask_BL: jax.Array | None,
+                  sin_LH: jax.Array, cos_LH: jax.Array, cfg: ModelConfig,
+                  constrain=lambda x, names: x) -> jax.Array:
+  """One Transformer layer on per-layer weights `p` (compute dtype = x's)."""
+  dt = x_BLD.dtype
+  n1_BLD = rms_norm(x_BLD, p["attn_norm"], cfg.rms_norm_eps)
+  q_BLNH = jnp.einsum("bld,dnh->blnh", n1_BLD, p["q_proj"].astype(dt))
+  k_BLKH = jnp.einsum("bld,dkh->blkh", n1_BLD, p["k_proj"].astype(dt))
+  v_BLKH = jnp.einsum("bld,dkh->blkh", n1_BLD, p["v_proj"].astype(dt))
+  q_BLNH = constrain(apply_rope(q_BLNH, sin_LH, cos_LH), ("batch", "length", "heads", "head_dim"))
+  k_BLKH = constrain(apply_rope(k_BLKH, sin_LH, cos_LH), ("batch", "length", "kv_heads", "head_dim"))
+  att_BLNH = attention_lib.attention(q_BLNH, k_BLKH, v_BLKH, mask_BL, impl=cfg.attention)
+  h_BLD = x_BLD + jnp.einsum("blnh,nhd->bld", att_BLNH, p["attn_out"].astype(dt))
+  h_BLD = constrain(h_BLD, ("batch", "length", "embed"))
+  n2_BLD = rms_norm(h_BLD, p["ff_norm"], cfg.rms_norm_eps)
+  gate_BLF = jnp.einsum("bld,df->blf", n2_BLD, p["ff_proj"].astype(dt))
+  up_BLF = jnp.einsum("bld,df->blf", n2_BLD, p["up_proj"].astype(dt))
+  act_BLF = constrain(jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "mlp"))
+  y_BLD = h_BLD + jnp.einsum("blf,fd->bld", act_BLF, p["ff_out"].astype(dt))
+  return constrain(y_BLD, ("batch", "length", "embed"))
+
+
+class Transformer(nnx.Module):
+  """The LLaDA mask predictor: token ids [B, L] -> float32 logits [B, L, V].
+
+  `mesh`/`rules` (static, optional) only add sharding constraints on the
+  activations; parameters carry logical names either way.
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, mesh: Mesh | None = None,
+               rules: Any = sharding.DEFAULT_RULES):
+    self.config = cfg
+    self.mesh = mesh
+    self.rules = tuple(rules) if rules is not None else None
+    dtype = DTYPES[cfg.param_dtype]
+    shapes = param_shapes(cfg)
+    self.wte = _param(rngs, "embed", shapes["wte"], PARAM_AXES["wte"], dtype)
+    self.blocks = Blocks(cfg, rngs)
+    self.ln_f = _param(rngs, "ones", shapes["ln_f"], PARAM_AXES["ln_f"], dtype)
+    if not cfg.weight_tying:
+      self.ff_out = _param(rngs, "normal", shapes["ff_out"], PARAM_AXES["ff_out"], dtype,
+                           cfg.d_model)
+
+  def forward(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None
+              ) -> jax.Array:
+    """Traceable forward pass (call it inside your own jit): -> logits [B, L, V] float32."""
+    cfg = self.config
+    dt = DTYPES[cfg.dtype]
+    constrain = lambda x, names: sharding.constrain(x, names, self.rules, self.mesh)
+    input_ids_BL = jnp.asarray(input_ids_BL, jnp.int32)
+    L = input_ids_BL.shape[1]
+    x_BLD = jnp.take(self.wte.value, input_ids_BL, axis=0).astype(dt)
+    x_BLD = constrain(x_BLD, ("batch", "length", "embed"))
+    sin_LH, cos_LH = rope_tables(L, cfg.head_dim, cfg.rope_theta)
+    mask_BL = None if attention_mask_BL is None else jnp.asarray(attention_mask_BL)
+
+    def layer(x_BLD, p):
+      return block_forward(p, x_BLD, mask_BL, sin_LH, cos_LH, cfg, constrain), None
+
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    if cfg.remat_policy != "none":
+      layer = jax.checkpoint(layer, policy=policy, prevent_cse=not cfg.scan_layers)
+    stacked = {k: v.value for k, v in vars(self.blocks).items() if isinstance(v, nnx.Param)}
+    if cfg.scan_layers:
+      x_BLD, _ = jax.lax.scan(layer, x_BLD, stacked)
+    else:
+      for i in range(cfg.n_layers):
+        x_BLD, _ = layer(x_BLD, {k: v[i] for k, v in stacked.items()})
+    x_BLD = rms_norm(x_BLD, self.ln_f.value, cfg.rms_norm_eps)
+    if cfg.weight_tying:
+      head_DV = self.wte.value.T
+    else:
+      head_DV = self.ff_out.value
+    logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, head_DV.astype(dt),
+                            preferred_element_type=jnp.float32)
+    if cfg.scale_logits:
+      logits_BLV = logits_BLV * (1.0 / jnp.sqrt(jnp.float32(cfg.d_model)))
+    return constrain(logits_BLV, ("batch", "length", "vocab"))
+
+  def __call__(self, input_ids, attention_mask=None) -> jax.Array:
+    """Jitted forward: int [B, L] (+ {0,1} mask [B, L]) -> float32 [B, L, V]."""
+    graphdef, state = nnx.split(self)
+    mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    return apply(graphdef, state, jnp.asarray(input_ids, jnp.int32), mask)
+
+
+@jax.jit  # graphdef is a static pytree node
+def _apply(graphdef, state, input_ids_BL, attention_mask_BL):
+  return nnx.merge(graphdef, state).forward(input_ids_BL, attention_mask_BL)
+
+
+def apply(graphdef: nnx.GraphDef, state: nnx.State, input_ids_BL: jax.Array,
+          attention_mask_BL: jax.Array | None = None) -> jax.Array:
+  """Pure jitted forward on a split model: `graphdef, state = nnx.split(model)`."""
+  return _apply(graphdef, state, input_ids_BL, attention_mask_BL)
+
+
+def init(cfg: ModelConfig, seed: int = 0, **kwargs) -> Transformer:
+  """A randomly initialised model (for training from scratch and tests)."""
+  return Transformer(cfg, nnx.Rngs(params=seed), **kwargs)
+
+
+def abstract(cfg: ModelConfig, **kwargs) -> Transformer:
+  """The model with ShapeDtypeStruct leaves: no memory, for loading into."""
+  return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0), **kwargs))

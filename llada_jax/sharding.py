@@ -1,0 +1,117 @@
+"""Logical axis names -> mesh axes: the whole sharding policy in one table.
+
+The model names every parameter axis and the main activations with logical
+names (`embed`, `heads`, ...); this module alone maps them to the mesh axes
+(`data`, `fsdp`, `tensor`). Replace `DEFAULT_RULES` (or pass `rules=`) to
+change the policy; the model needs no change.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical axis, mesh axis or axes or None). FSDP shards the model dimension of
+# every weight; tensor parallelism splits heads, MLP and vocabulary; the batch
+# is split over both data axes.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def make_mesh(shape: Sequence[int], axis_names: Sequence[str] = MESH_AXES,
+              devices: Sequence[Any] | None = None) -> Mesh:
+  """A mesh of `shape` (one -1 entry = the remaining devices) over `devices`."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(shape)
+  if len(shape) != len(axis_names):
+    raise ValueError(f"mesh shape {shape} does not match axes {tuple(axis_names)}")
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh shape {shape}: at most one axis may be -1")
+  if -1 in shape:
+    rest = math.prod(s for s in shape if s != -1)
+    if len(devices) % rest:
+      raise ValueError(f"mesh shape {shape}: {len(devices)} devices do not divide by {rest}")
+    shape[shape.index(-1)] = len(devices) // rest
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, "
+                     f"{len(devices)} are available")
+  try:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except Exception:  # pylint: disable=broad-except  (fake or odd topologies)
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, tuple(axis_names))
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules: Rules = DEFAULT_RULES,
+                    mesh: Mesh | None = None, shape: Sequence[int] | None = None,
+                    what: str = "") -> P:
+  """PartitionSpec for an array whose axes carry logical `names`.
+
+  With `mesh` and `shape`, a dimension that does not divide its mesh axes is
+  replicated instead (with a warning naming `what`), and a mesh axis is used
+  at most once per array.
+  """
+  if names is None:
+    return P()
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for i, name in enumerate(names):
+    target = table.get(name) if name is not None else None
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    axes = tuple(a for a in axes if a not in used and (mesh is None or a in mesh.shape))
+    if axes and mesh is not None and shape is not None:
+      size = math.prod(mesh.shape[a] for a in axes)
+      if shape[i] % size:
+        logging.warning("%s: dimension %d (%s=%d) does not divide mesh axes %s (%d); "
+                        "replicating it", what or "array", i, name, shape[i], axes, size)
+        axes = ()
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else (axes or None))
+  return P(*spec)
+
+
+def param_specs(state: nnx.State, rules: Rules = DEFAULT_RULES,
+                mesh: Mesh | None = None) -> nnx.State:
+  """A pytree like `state` with a PartitionSpec per variable (from its names)."""
+  def spec(path, var):
+    names = var.get_metadata().get("out_sharding")
+    return logical_to_spec(names, rules, mesh, var.value.shape,
+                           "/".join(str(p) for p in path))
+  return nnx.map_state(spec, state) if hasattr(nnx, "map_state") else jax.tree.map_with_path(
+      lambda path, v: spec(path, v), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+  """NamedShardings for every variable in `state` (a pytree of the same form)."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(state, rules, mesh),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules | None,
+              mesh: Mesh | None) -> jax.Array:
+  """Sharding constraint on an activation by logical names; no-op without a mesh."""
+  if mesh is None or rules is None:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, logical_to_spec(names, rules, mesh, x.shape)))
