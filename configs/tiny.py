@@ -19,7 +19,7 @@ def model_config() -> ml_collections.ConfigDict:
       scale_logits=False,
       # SentencePiece models trained by `python -m llada_jax.tokenizer train`
       # reserve these ids (see llada_jax/tokenizer.py).
-      pad_token_id=0,
+      pad_token_id=2,  # LLaDA pads with EOS
       bos_token_id=1,
       eos_token_id=2,
       mask_token_id=3,
