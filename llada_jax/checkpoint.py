@@ -24,7 +24,7 @@ def _set_path(state: nnx.State, path: str, value) -> None:
   *parents, leaf = path.split("/")
   for p in parents:
     node = node[p]
-  node[leaf].value = value
+  node[leaf].set_value(value)
 
 
 def _placer(state: nnx.State, mesh: Mesh | None, rules):

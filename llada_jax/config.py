@@ -140,6 +140,15 @@ class ModelConfig:
     embed = self.embedding_size * d * (1 if self.weight_tying else 2)
     return self.n_layers * per_layer + d + (embed if include_embedding else 0)
 
+  def forward_flops_per_token(self, seq_len: int) -> float:
+    """Model FLOPs of one forward pass per token: 2 per weight multiply-add
+    (embedding lookup excluded) plus full non-causal attention, 4·L·D per layer."""
+    d, hd = self.d_model, self.head_dim
+    matmul_params = self.n_layers * (d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+                                     + 3 * d * self.mlp_hidden_size)
+    matmul_params += self.embedding_size * d  # the output head
+    return 2.0 * matmul_params + 4.0 * self.n_layers * seq_len * d
+
   # ---- conversions ------------------------------------------------------
 
   @classmethod

@@ -74,7 +74,7 @@ def _param(rngs: nnx.Rngs, kind: str, shape, names, dtype, fan_in: int = 1) -> n
     std = 0.02 if kind == "embed" else fan_in ** -0.5
     value = std * jax.random.truncated_normal(rngs.params(), -3.0, 3.0, shape, jnp.float32)
     value = value.astype(dtype)
-  return nnx.Param(value, sharding_names=tuple(names), eager_sharding=False)
+  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
 class Blocks(nnx.Module):
@@ -169,7 +169,7 @@ class Transformer(nnx.Module):
     constrain = lambda x, names: sharding.constrain(x, names, self.rules, self.mesh)
     input_ids_BL = jnp.asarray(input_ids_BL, jnp.int32)
     L = input_ids_BL.shape[1]
-    x_BLD = jnp.take(self.wte.value, input_ids_BL, axis=0).astype(dt)
+    x_BLD = jnp.take(self.wte[...], input_ids_BL, axis=0).astype(dt)
     x_BLD = constrain(x_BLD, ("batch", "length", "embed"))
     sin_LH, cos_LH = rope_tables(L, cfg.head_dim, cfg.rope_theta)
     mask_BL = None if attention_mask_BL is None else jnp.asarray(attention_mask_BL)
@@ -180,17 +180,17 @@ class Transformer(nnx.Module):
     policy = REMAT_POLICIES[cfg.remat_policy]
     if cfg.remat_policy != "none":
       layer = jax.checkpoint(layer, policy=policy, prevent_cse=not cfg.scan_layers)
-    stacked = {k: v.value for k, v in vars(self.blocks).items() if isinstance(v, nnx.Param)}
+    stacked = {k: v[...] for k, v in vars(self.blocks).items() if isinstance(v, nnx.Param)}
     if cfg.scan_layers:
       x_BLD, _ = jax.lax.scan(layer, x_BLD, stacked)
     else:
       for i in range(cfg.n_layers):
         x_BLD, _ = layer(x_BLD, {k: v[i] for k, v in stacked.items()})
-    x_BLD = rms_norm(x_BLD, self.ln_f.value, cfg.rms_norm_eps)
+    x_BLD = rms_norm(x_BLD, self.ln_f[...], cfg.rms_norm_eps)
     if cfg.weight_tying:
-      head_DV = self.wte.value.T
+      head_DV = self.wte[...].T
     else:
-      head_DV = self.ff_out.value
+      head_DV = self.ff_out[...]
     logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, head_DV.astype(dt),
                             preferred_element_type=jnp.float32)
     if cfg.scale_logits:

@@ -64,7 +64,7 @@ def make_mesh(shape: Sequence[int], axis_names: Sequence[str] = MESH_AXES,
 
 def logical_to_spec(names: Sequence[str | None] | None, rules: Rules = DEFAULT_RULES,
                     mesh: Mesh | None = None, shape: Sequence[int] | None = None,
-                    what: str = "") -> P:
+                    what: str = "", warn: bool = True) -> P:
   """PartitionSpec for an array whose axes carry logical `names`.
 
   With `mesh` and `shape`, a dimension that does not divide its mesh axes is
@@ -82,9 +82,10 @@ def logical_to_spec(names: Sequence[str | None] | None, rules: Rules = DEFAULT_R
     axes = tuple(a for a in axes if a not in used and (mesh is None or a in mesh.shape))
     if axes and mesh is not None and shape is not None:
       size = math.prod(mesh.shape[a] for a in axes)
-      if shape[i] % size:
+      if shape[i] % size and warn:
         logging.warning("%s: dimension %d (%s=%d) does not divide mesh axes %s (%d); "
                         "replicating it", what or "array", i, name, shape[i], axes, size)
+      if shape[i] % size:
         axes = ()
     used.update(axes)
     spec.append(axes[0] if len(axes) == 1 else (axes or None))
@@ -96,7 +97,7 @@ def param_specs(state: nnx.State, rules: Rules = DEFAULT_RULES,
   """A pytree like `state` with a PartitionSpec per variable (from its names)."""
   def spec(path, var):
     names = var.get_metadata().get("out_sharding")
-    return logical_to_spec(names, rules, mesh, var.value.shape,
+    return logical_to_spec(names, rules, mesh, var.get_value().shape,
                            "/".join(str(p) for p in path))
   return nnx.map_state(spec, state) if hasattr(nnx, "map_state") else jax.tree.map_with_path(
       lambda path, v: spec(path, v), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -114,4 +115,4 @@ def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules | None,
   if mesh is None or rules is None:
     return x
   return jax.lax.with_sharding_constraint(
-      x, NamedSharding(mesh, logical_to_spec(names, rules, mesh, x.shape)))
+      x, NamedSharding(mesh, logical_to_spec(names, rules, mesh, x.shape, warn=False)))
