@@ -13,7 +13,7 @@ The module knows logical axis names only; `sharding.py` maps them to a mesh.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -101,10 +101,12 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return normed.astype(x.dtype) * weight.astype(x.dtype)
 
 
-def rope_tables(length: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """float32 (sin, cos) of shape [L, H] for half-split rotary embeddings."""
+def rope_tables(length: int, head_dim: int, theta: float, start=0
+                ) -> tuple[jax.Array, jax.Array]:
+  """float32 (sin, cos) [L, H] of positions start…start+L−1, half-split layout."""
   inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles_LH2 = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq_H2[None, :]
+  pos_L = (start + jnp.arange(length)).astype(jnp.float32)
+  angles_LH2 = pos_L[:, None] * inv_freq_H2[None, :]
   angles_LH = jnp.concatenate([angles_LH2, angles_LH2], axis=-1)
   return jnp.sin(angles_LH), jnp.cos(angles_LH)
 
@@ -118,26 +120,46 @@ def apply_rope(x_BLNH: jax.Array, sin_LH: jax.Array, cos_LH: jax.Array) -> jax.A
   return out.astype(x_BLNH.dtype)
 
 
-def block_forward(p: dict[str, jax.Array], x_BLD: jax.Array, mask_BL: jax.Array | None,
-                  sin_LH: jax.Array, cos_LH: jax.Array, cfg: ModelConfig,
-                  constrain=lambda x, names: x) -> jax.Array:
-  """One Transformer layer on per-layer weights `p` (compute dtype = x's)."""
-  dt = x_BLD.dtype
-  n1_BLD = rms_norm(x_BLD, p["attn_norm"], cfg.rms_norm_eps)
-  q_BLNH = jnp.einsum("bld,dnh->blnh", n1_BLD, p["q_proj"].astype(dt))
-  k_BLKH = jnp.einsum("bld,dkh->blkh", n1_BLD, p["k_proj"].astype(dt))
-  v_BLKH = jnp.einsum("bld,dkh->blkh", n1_BLD, p["v_proj"].astype(dt))
-  q_BLNH = constrain(apply_rope(q_BLNH, sin_LH, cos_LH), ("batch", "length", "heads", "head_dim"))
-  k_BLKH = constrain(apply_rope(k_BLKH, sin_LH, cos_LH), ("batch", "length", "kv_heads", "head_dim"))
-  att_BLNH = attention_lib.attention(q_BLNH, k_BLKH, v_BLKH, mask_BL, impl=cfg.attention)
-  h_BLD = x_BLD + jnp.einsum("blnh,nhd->bld", att_BLNH, p["attn_out"].astype(dt))
-  h_BLD = constrain(h_BLD, ("batch", "length", "embed"))
-  n2_BLD = rms_norm(h_BLD, p["ff_norm"], cfg.rms_norm_eps)
-  gate_BLF = jnp.einsum("bld,df->blf", n2_BLD, p["ff_proj"].astype(dt))
-  up_BLF = jnp.einsum("bld,df->blf", n2_BLD, p["up_proj"].astype(dt))
-  act_BLF = constrain(jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "mlp"))
-  y_BLD = h_BLD + jnp.einsum("blf,fd->bld", act_BLF, p["ff_out"].astype(dt))
-  return constrain(y_BLD, ("batch", "length", "embed"))
+class KVCache(NamedTuple):
+  """Keys (after RoPE) and values of every layer and position: [Y, B, S, K, H]."""
+  k_YBSKH: jax.Array
+  v_YBSKH: jax.Array
+
+
+def block_forward(p: dict[str, jax.Array], x_BWD: jax.Array, mask_BS: jax.Array | None,
+                  sin_WH: jax.Array, cos_WH: jax.Array, cfg: ModelConfig,
+                  constrain=lambda x, names: x, kv_BSKH=None, start=0):
+  """One Transformer layer on per-layer weights `p` (compute dtype = x's).
+
+  Without `kv_BSKH` the W positions attend to themselves (S = W). With a cached
+  (k, v) pair of length S, the window's fresh keys/values are written into it
+  at `start` and the window attends to all S positions.
+  -> (y [B, W, D], (k [B, S, K, H], v [B, S, K, H])).
+  """
+  dt = x_BWD.dtype
+  n1_BWD = rms_norm(x_BWD, p["attn_norm"], cfg.rms_norm_eps)
+  q_BWNH = jnp.einsum("bwd,dnh->bwnh", n1_BWD, p["q_proj"].astype(dt))
+  k_BWKH = jnp.einsum("bwd,dkh->bwkh", n1_BWD, p["k_proj"].astype(dt))
+  v_BWKH = jnp.einsum("bwd,dkh->bwkh", n1_BWD, p["v_proj"].astype(dt))
+  q_BWNH = constrain(apply_rope(q_BWNH, sin_WH, cos_WH), ("batch", "length", "heads", "head_dim"))
+  k_BWKH = constrain(apply_rope(k_BWKH, sin_WH, cos_WH), ("batch", "length", "kv_heads", "head_dim"))
+  if kv_BSKH is None:
+    k_BSKH, v_BSKH = k_BWKH, v_BWKH
+  else:
+    k_BSKH = jax.lax.dynamic_update_slice_in_dim(kv_BSKH[0], k_BWKH.astype(kv_BSKH[0].dtype),
+                                                 start, axis=1)
+    v_BSKH = jax.lax.dynamic_update_slice_in_dim(kv_BSKH[1], v_BWKH.astype(kv_BSKH[1].dtype),
+                                                 start, axis=1)
+  att_BWNH = attention_lib.attention(q_BWNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask_BS,
+                                     impl=cfg.attention)
+  h_BWD = x_BWD + jnp.einsum("bwnh,nhd->bwd", att_BWNH, p["attn_out"].astype(dt))
+  h_BWD = constrain(h_BWD, ("batch", "length", "embed"))
+  n2_BWD = rms_norm(h_BWD, p["ff_norm"], cfg.rms_norm_eps)
+  gate_BWF = jnp.einsum("bwd,df->bwf", n2_BWD, p["ff_proj"].astype(dt))
+  up_BWF = jnp.einsum("bwd,df->bwf", n2_BWD, p["up_proj"].astype(dt))
+  act_BWF = constrain(jax.nn.silu(gate_BWF) * up_BWF, ("batch", "length", "mlp"))
+  y_BWD = h_BWD + jnp.einsum("bwf,fd->bwd", act_BWF, p["ff_out"].astype(dt))
+  return constrain(y_BWD, ("batch", "length", "embed")), (k_BSKH, v_BSKH)
 
 
 class Transformer(nnx.Module):
@@ -161,41 +183,68 @@ class Transformer(nnx.Module):
       self.ff_out = _param(rngs, "normal", shapes["ff_out"], PARAM_AXES["ff_out"], dtype,
                            cfg.d_model)
 
+  def _constrain(self, x, names):
+    return sharding.constrain(x, names, self.rules, self.mesh)
+
+  def _run(self, ids_BW, mask_BS, start, cache: KVCache | None, return_kv: bool):
+    """Embed -> scanned layers -> head, for positions start…start+W−1."""
+    cfg = self.config
+    dt = DTYPES[cfg.dtype]
+    ids_BW = jnp.asarray(ids_BW, jnp.int32)
+    x_BWD = self._constrain(jnp.take(self.wte[...], ids_BW, axis=0).astype(dt),
+                            ("batch", "length", "embed"))
+    sin_WH, cos_WH = rope_tables(ids_BW.shape[1], cfg.head_dim, cfg.rope_theta, start)
+    mask_BS = None if mask_BS is None else jnp.asarray(mask_BS)
+
+    def layer(x_BWD, xs):
+      p, kv = xs
+      y_BWD, kv = block_forward(p, x_BWD, mask_BS, sin_WH, cos_WH, cfg, self._constrain,
+                                kv, start)
+      return y_BWD, (kv if return_kv else None)
+
+    if cfg.remat_policy != "none":
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat_policy],
+                             prevent_cse=not cfg.scan_layers)
+    stacked = {k: v[...] for k, v in vars(self.blocks).items() if isinstance(v, nnx.Param)}
+    xs = (stacked, None if cache is None else (cache.k_YBSKH, cache.v_YBSKH))
+    if cfg.scan_layers:
+      x_BWD, kv = jax.lax.scan(layer, x_BWD, xs)
+    else:
+      outs = []
+      for i in range(cfg.n_layers):
+        x_BWD, kv_i = layer(x_BWD, jax.tree.map(lambda a, i=i: a[i], xs))
+        outs.append(kv_i)
+      kv = jax.tree.map(lambda *a: jnp.stack(a), *outs) if return_kv else None
+    x_BWD = rms_norm(x_BWD, self.ln_f[...], cfg.rms_norm_eps)
+    head_DV = self.wte[...].T if cfg.weight_tying else self.ff_out[...]
+    logits_BWV = jnp.einsum("bwd,dv->bwv", x_BWD, head_DV.astype(dt),
+                            preferred_element_type=jnp.float32)
+    if cfg.scale_logits:
+      logits_BWV = logits_BWV * (1.0 / jnp.sqrt(jnp.float32(cfg.d_model)))
+    logits_BWV = self._constrain(logits_BWV, ("batch", "length", "vocab"))
+    return logits_BWV, (KVCache(*kv) if return_kv else None)
+
   def forward(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None
               ) -> jax.Array:
     """Traceable forward pass (call it inside your own jit): -> logits [B, L, V] float32."""
-    cfg = self.config
-    dt = DTYPES[cfg.dtype]
-    constrain = lambda x, names: sharding.constrain(x, names, self.rules, self.mesh)
-    input_ids_BL = jnp.asarray(input_ids_BL, jnp.int32)
-    L = input_ids_BL.shape[1]
-    x_BLD = jnp.take(self.wte[...], input_ids_BL, axis=0).astype(dt)
-    x_BLD = constrain(x_BLD, ("batch", "length", "embed"))
-    sin_LH, cos_LH = rope_tables(L, cfg.head_dim, cfg.rope_theta)
-    mask_BL = None if attention_mask_BL is None else jnp.asarray(attention_mask_BL)
+    return self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=False)[0]
 
-    def layer(x_BLD, p):
-      return block_forward(p, x_BLD, mask_BL, sin_LH, cos_LH, cfg, constrain), None
+  def forward_with_cache(self, input_ids_BL: jax.Array,
+                         attention_mask_BL: jax.Array | None = None
+                         ) -> tuple[jax.Array, KVCache]:
+    """Full forward that also returns every layer's keys (after RoPE) and values."""
+    return self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=True)
 
-    policy = REMAT_POLICIES[cfg.remat_policy]
-    if cfg.remat_policy != "none":
-      layer = jax.checkpoint(layer, policy=policy, prevent_cse=not cfg.scan_layers)
-    stacked = {k: v[...] for k, v in vars(self.blocks).items() if isinstance(v, nnx.Param)}
-    if cfg.scan_layers:
-      x_BLD, _ = jax.lax.scan(layer, x_BLD, stacked)
-    else:
-      for i in range(cfg.n_layers):
-        x_BLD, _ = layer(x_BLD, {k: v[i] for k, v in stacked.items()})
-    x_BLD = rms_norm(x_BLD, self.ln_f[...], cfg.rms_norm_eps)
-    if cfg.weight_tying:
-      head_DV = self.wte[...].T
-    else:
-      head_DV = self.ff_out[...]
-    logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, head_DV.astype(dt),
-                            preferred_element_type=jnp.float32)
-    if cfg.scale_logits:
-      logits_BLV = logits_BLV * (1.0 / jnp.sqrt(jnp.float32(cfg.d_model)))
-    return constrain(logits_BLV, ("batch", "length", "vocab"))
+  def forward_window(self, window_ids_BW: jax.Array, start, cache: KVCache,
+                     attention_mask_BS: jax.Array | None = None
+                     ) -> tuple[jax.Array, KVCache]:
+    """Positions start…start+W−1 only, attending to all S cached positions.
+
+    The window's fresh keys/values replace the cache's rows there (returned
+    cache); `start` may be traced; `attention_mask_BS` covers all S positions.
+    -> (logits [B, W, V] float32, updated KVCache).
+    """
+    return self._run(window_ids_BW, attention_mask_BS, start, cache, return_kv=True)
 
   def __call__(self, input_ids, attention_mask=None) -> jax.Array:
     """Jitted forward: int [B, L] (+ {0,1} mask [B, L]) -> float32 [B, L, V]."""

@@ -164,3 +164,32 @@ def test_parameters_carry_logical_axis_names(tiny_model):
     assert len(names) == var[...].ndim, path
     key = "/".join(map(str, path))
     assert tuple(names[-len(model_lib.PARAM_AXES[key]):]) == model_lib.PARAM_AXES[key]
+
+
+def test_cached_window_equals_full_forward(tiny_model, reference):
+  # Keys/values cached from the same tokens: a window's logits equal the full pass's.
+  ids = reference["padded_input_ids"]
+  mask = reference["padded_attention_mask"]
+  full = np.asarray(tiny_model.forward(ids, mask))
+  logits, cache = tiny_model.forward_with_cache(ids, mask)
+  np.testing.assert_allclose(logits, full, atol=1e-4)
+  Y, B, S, K, H = cache.k_YBSKH.shape
+  assert (Y, B, S, K, H) == (2, 3, 24, 2, 16)
+  window, new_cache = jax.jit(tiny_model.forward_window)(ids[:, 10:18], 10, cache, mask)
+  np.testing.assert_allclose(window, full[:, 10:18], atol=1e-4)
+  np.testing.assert_allclose(new_cache.k_YBSKH, cache.k_YBSKH, atol=1e-4)
+
+
+def test_window_sees_cached_context_not_its_current_tokens():
+  # Changing tokens outside the window without refreshing the cache leaves the
+  # window's logits unchanged (they see the cached keys); refreshing changes them.
+  model = model_lib.init(SMALL, seed=6)
+  ids = np.arange(20)[None] % 90
+  _, cache = model.forward_with_cache(ids)
+  other = ids.copy()
+  other[0, :5] = 42
+  stale, _ = model.forward_window(other[:, 12:16], 12, cache)
+  fresh, _ = model.forward_window(other[:, 12:16], 12, model.forward_with_cache(other)[1])
+  np.testing.assert_allclose(stale, model.forward(ids)[:, 12:16], atol=1e-4)
+  np.testing.assert_allclose(fresh, model.forward(other)[:, 12:16], atol=1e-4)
+  assert np.abs(np.asarray(stale - fresh)).max() > 1e-3
