@@ -3,6 +3,7 @@
 from llada_jax.checkpoint import load
 from llada_jax.config import ModelConfig
 from llada_jax.model import Transformer
+from llada_jax.sampling import generate
 
-__all__ = ["load", "ModelConfig", "Transformer"]
+__all__ = ["load", "ModelConfig", "Transformer", "generate"]
 __version__ = "0.1.0"
