@@ -87,6 +87,18 @@ def step_counts(n_B: jax.Array, steps: int, step: jax.Array) -> jax.Array:
   return n_B // steps + (step < n_B % steps).astype(n_B.dtype)
 
 
+def guided_logits(model, x_BL: jax.Array, attn_BL: jax.Array | None, prompt_BL: jax.Array,
+                  cfg_scale: jax.Array) -> jax.Array:
+  """Unsupervised classifier-free guidance: un + (cfg_scale + 1) (cond - un), where
+  `un` is the logits of x with every `prompt_BL` position set to MASK (one doubled batch)."""
+  B = x_BL.shape[0]
+  un_BL = jnp.where(prompt_BL, model.config.mask_token_id, x_BL)
+  both_attn = None if attn_BL is None else jnp.concatenate([attn_BL, attn_BL])
+  both_BLV = model.forward(jnp.concatenate([x_BL, un_BL]), both_attn)
+  cond_BLV, un_BLV = both_BLV[:B], both_BLV[B:]
+  return un_BLV + (cfg_scale + 1.0) * (cond_BLV - un_BLV)
+
+
 def _prob_of(logits_BGV: jax.Array, x0_BG: jax.Array) -> jax.Array:
   """softmax(logits)[x0], computed as the reference's softmax does (max-shifted)."""
   shifted_BGV = logits_BGV - jnp.max(logits_BGV, axis=-1, keepdims=True)
@@ -116,11 +128,7 @@ def _sample_loop(graphdef, state, prompt_BP, attn_BP, rng, temperature, cfg_scal
   def logits_of(x_BL):
     if not s.cfg:
       return model.forward(x_BL, attn_BL)[:, P:]
-    un_BL = jnp.where(fixed_BL, mask_id, x_BL)  # unconditional copy: prompt masked
-    both_attn = None if attn_BL is None else jnp.concatenate([attn_BL, attn_BL])
-    both_BGV = model.forward(jnp.concatenate([x_BL, un_BL]), both_attn)[:, P:]
-    cond_BGV, un_BGV = both_BGV[:B], both_BGV[B:]
-    return un_BGV + (cfg_scale + 1.0) * (cond_BGV - un_BGV)
+    return guided_logits(model, x_BL, attn_BL, fixed_BL, cfg_scale)[:, P:]
 
   def one_step(t, block_end, k_B, carry):
     x_BL, tr = carry
@@ -183,7 +191,7 @@ def _sample_loop(graphdef, state, prompt_BP, attn_BP, rng, temperature, cfg_scal
 _sample_loop_jit = jax.jit(_sample_loop, static_argnames=("s",))
 
 
-def _positive_int(name: str, value) -> int:
+def positive_int(name: str, value) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f"{name}: expected a positive integer, got {value!r}")
   return int(value)
@@ -237,9 +245,9 @@ def check_settings(cfg, prompt_len: int, *, steps, gen_length, block_length, tem
                    cfg_scale, remasking, logits_eos_inf, confidence_eos_eot_inf,
                    trace=False) -> Settings:
   """Validates sampler settings (ValueError naming the argument) -> `Settings`."""
-  steps = _positive_int("steps", steps)
-  gen_length = _positive_int("gen_length", gen_length)
-  block_length = _positive_int("block_length", block_length)
+  steps = positive_int("steps", steps)
+  gen_length = positive_int("gen_length", gen_length)
+  block_length = positive_int("block_length", block_length)
   if gen_length % block_length:
     raise ValueError(f"block_length: gen_length={gen_length} is not a multiple of "
                      f"block_length={block_length}")
