@@ -244,7 +244,10 @@ def _constraint_array(constraints, gen_length, embedding_size):
 def check_settings(cfg, prompt_len: int, *, steps, gen_length, block_length, temperature,
                    cfg_scale, remasking, logits_eos_inf, confidence_eos_eot_inf,
                    trace=False) -> Settings:
-  """Validates sampler settings (ValueError naming the argument) -> `Settings`."""
+  """Validates sampler settings (ValueError naming the argument) -> `Settings`.
+
+  With cfg=None (no model yet) the length limit is not checked.
+  """
   steps = positive_int("steps", steps)
   gen_length = positive_int("gen_length", gen_length)
   block_length = positive_int("block_length", block_length)
@@ -258,7 +261,7 @@ def check_settings(cfg, prompt_len: int, *, steps, gen_length, block_length, tem
   if steps > gen_length:
     raise ValueError(f"steps: {steps} exceeds gen_length={gen_length} (a step would "
                      f"reveal nothing)")
-  if prompt_len + gen_length > cfg.max_sequence_length:
+  if cfg is not None and prompt_len + gen_length > cfg.max_sequence_length:
     raise ValueError(f"gen_length: prompt length {prompt_len} + gen_length {gen_length} "
                      f"exceeds max_sequence_length={cfg.max_sequence_length}")
   for name, value in (("temperature", temperature), ("cfg_scale", cfg_scale)):
