@@ -11,3 +11,14 @@ def test_forward_benchmark_reports_throughput():
   assert result["tokens_per_s"] > 0 and result["matmul_flops_per_s_float32"] > 0
   assert result["model_flops_per_s"] == cfg.forward_flops_per_token(32) * 64 / result[
       "seconds_per_forward"]
+
+
+def test_sampling_benchmark_runs_both_samplers():
+  from benchmarks import sampling  # pylint: disable=g-import-not-at-top
+  cfg = ModelConfig.from_dict(tiny.model_config())
+  result = sampling.run(cfg, batches=[2], gen_lengths=[8], block_length=4, prompt_len=4,
+                        repeats=1)
+  (r,) = result["results"]
+  assert r["same_tokens"]  # the reference-style loop and the compiled sampler agree
+  assert r["loop_tokens_per_s"] > 0 and r["compiled_tokens_per_s"] > 0
+  assert r["speedup"] == r["loop_seconds"] / r["compiled_seconds"]
