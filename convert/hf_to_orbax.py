@@ -12,14 +12,14 @@ whatever the model size.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 
+import numpy as np
+
 from llada_jax import checkpoint
 from llada_jax import hf_checkpoint
-from llada_jax.config import config_from_model_dir
 from llada_jax.model import param_shapes
 from convert import staging
 
@@ -29,7 +29,7 @@ def convert(hf_dir: str, output_dir: str, dtype: str | None = None,
   """Converts; returns the summary (params, tensors, bytes, seconds, peak_rss_bytes)."""
   if not os.path.isdir(hf_dir):
     raise FileNotFoundError(f"{hf_dir}: no such directory")
-  cfg = config_from_model_dir(hf_dir)
+  cfg = checkpoint.read_config(hf_dir)
   reader = hf_checkpoint.open_reader(hf_dir)
   reader.check(cfg)
   dtype = dtype or reader.source_dtype()
@@ -37,11 +37,9 @@ def convert(hf_dir: str, output_dir: str, dtype: str | None = None,
     raise ValueError(f"--dtype: {dtype!r} is not one of {sorted(hf_checkpoint.NP_DTYPES)}")
   cfg = cfg.replace(param_dtype=dtype)
   shapes = param_shapes(cfg)
-  itemsize = hf_checkpoint.NP_DTYPES[dtype]().itemsize
+  itemsize = np.dtype(hf_checkpoint.NP_DTYPES[dtype]).itemsize
   with staging.staged_output(output_dir, overwrite) as tmp:
-    with open(os.path.join(tmp, checkpoint.CONFIG_FILE), "w") as f:
-      json.dump(cfg.to_hf(torch_dtype=dtype), f, indent=2)
-      f.write("\n")
+    checkpoint.write_config(tmp, cfg, dtype, hf_dir)
     checkpoint.copy_tokenizer_files(hf_dir, tmp)
     bar = staging.Progress(sum(math.prod(s) for s in shapes.values()) * itemsize,
                            len(reader.shapes), "hf -> orbax", progress)

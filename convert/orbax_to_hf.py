@@ -12,13 +12,11 @@ Parameters are restored one at a time and streamed into the shards.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 from llada_jax import checkpoint
 from llada_jax import hf_checkpoint
-from llada_jax.config import config_from_model_dir
 from convert import staging
 
 
@@ -32,7 +30,7 @@ def convert(checkpoint_dir: str, output_dir: str, dtype: str | None = None,
     raise ValueError(f"{checkpoint_dir}: holds no Orbax checkpoint ({checkpoint.PARAMS_DIR}/ "
                      f"or {checkpoint.CHECKPOINTS_DIR}/)")
   hf_checkpoint.parse_size(max_shard_size)  # refuse a bad size before any work
-  cfg = config_from_model_dir(checkpoint_dir)
+  cfg = checkpoint.read_config(checkpoint_dir)
   params = checkpoint.OrbaxParams(checkpoint_dir)
   params.check(cfg)
   dtype = dtype or params.source_dtype()
@@ -41,9 +39,7 @@ def convert(checkpoint_dir: str, output_dir: str, dtype: str | None = None,
   shapes = hf_checkpoint.expected_hf_shapes(cfg)
   with staging.staged_output(output_dir, overwrite) as tmp:
     writer = hf_checkpoint.SafetensorsShardWriter(tmp, shapes, dtype, max_shard_size)
-    with open(os.path.join(tmp, checkpoint.CONFIG_FILE), "w") as f:
-      json.dump(cfg.replace(param_dtype=dtype).to_hf(torch_dtype=dtype), f, indent=2)
-      f.write("\n")
+    checkpoint.write_config(tmp, cfg, dtype, checkpoint_dir)
     checkpoint.copy_tokenizer_files(checkpoint_dir, tmp)
     bar = staging.Progress(writer.total_size, len(shapes), "orbax -> hf", progress)
     for name, w in hf_checkpoint.hf_tensors(params, cfg):

@@ -93,7 +93,8 @@ def _one_line(e: BaseException) -> str:
   no_space = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
       "No space left on device" in str(e))
   if no_space:
-    text = f"no space left on device ({text[:300]})"
+    where = getattr(e, "filename", None)
+    text = f"no space left on device" + (f" writing {where}" if where else f" ({text[:300]})")
   return text[:500]
 
 

@@ -17,6 +17,8 @@ axis rules: Orbax reads each device's slice straight into its shard.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 from typing import Any, Iterator, Mapping
@@ -56,6 +58,17 @@ def model_dir_kind(path: str) -> str:
   return "hf"
 
 
+def read_config(path: str, **overrides) -> ModelConfig:
+  """`config_from_model_dir`, with errors naming the directory's config.json."""
+  try:
+    return config_from_model_dir(path, **overrides)
+  except ValueError as e:
+    msg = str(e)
+    if msg.startswith(CONFIG_FILE):
+      msg = os.path.join(path, msg)
+    raise ValueError(msg) from e
+
+
 def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
   """Copies the tokenizer (and generation config) files `src_dir` has; returns names."""
   copied = []
@@ -64,6 +77,22 @@ def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
       shutil.copyfile(os.path.join(src_dir, name), os.path.join(dst_dir, name))
       copied.append(name)
   return copied
+
+
+def write_config(dst_dir: str, cfg: ModelConfig, torch_dtype: str, source_dir: str) -> None:
+  """Writes `config.json`: `cfg.to_hf()`, keeping `source_dir`'s values for keys
+  that are no ModelConfig field (`_name_or_path`, `init_device`...), so they
+  survive a conversion unchanged.
+  """
+  with open(os.path.join(source_dir, CONFIG_FILE)) as f:
+    hf = json.load(f)
+  fields = {f.name for f in dataclasses.fields(ModelConfig)} | {"torch_dtype"}
+  for key, value in cfg.to_hf(torch_dtype=torch_dtype).items():
+    if key in fields or key not in hf:
+      hf[key] = value
+  with open(os.path.join(dst_dir, CONFIG_FILE), "w") as f:
+    json.dump(dict(sorted(hf.items())), f, indent=2)
+    f.write("\n")
 
 
 # ---- finding the param pytree on disk ------------------------------------
@@ -101,7 +130,7 @@ def params_pytree_dir(path: str) -> str:
 
 def _flat(tree) -> dict[str, Any]:
   if isinstance(tree, nnx.State):
-    tree = tree.to_pure_dict()
+    tree = nnx.to_pure_dict(tree)
   return traverse_util.flatten_dict(dict(tree), sep="/")
 
 
@@ -279,8 +308,7 @@ def load(path: str, dtype: str = "float32", param_dtype: str | None = None, *,
     A `Transformer`; `model(ids, mask)` gives float32 logits and
     `graphdef, params = nnx.split(model)` the parameters as a pytree.
   """
-  cfg = config_from_model_dir(path, dtype=dtype, param_dtype=param_dtype or dtype,
-                              **config_overrides)
+  cfg = read_config(path, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
   abstract_model = model_lib.abstract(cfg, mesh=mesh, rules=rules)
   graphdef, state = nnx.split(abstract_model)
   if model_dir_kind(path) == "hf":
