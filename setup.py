@@ -39,5 +39,8 @@ setup(
     packages=find_packages(include=["llada_jax", "llada_jax.*", "convert", "convert.*"]),
     install_requires=CORE,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "llada-hf-to-orbax=convert.hf_to_orbax:main",
+        "llada-orbax-to-hf=convert.orbax_to_hf:main",
+    ]},
 )

@@ -48,6 +48,7 @@ def convert(hf_dir: str, output_dir: str, dtype: str | None = None,
       writer.write(path, array)
       bar.update(array.nbytes, cfg.n_layers if path.startswith("blocks/") else 1, array.size)
       del array
+      staging.release_freed_memory()
     writer.close()
     summary = bar.close()
   return summary

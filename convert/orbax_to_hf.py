@@ -45,6 +45,8 @@ def convert(checkpoint_dir: str, output_dir: str, dtype: str | None = None,
     for name, w in hf_checkpoint.hf_tensors(params, cfg):
       writer.write(name, w)
       bar.update(w.size * writer.np_dtype.itemsize, 1, w.size)
+      del w
+      staging.release_freed_memory()
     writer.close()
     summary = bar.close()
   return summary

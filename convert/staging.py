@@ -5,6 +5,7 @@ into one line and a non-zero exit."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import resource
@@ -53,9 +54,26 @@ def staged_output(output_dir: str, overwrite: bool = False) -> Iterator[str]:
     raise
 
 
-def peak_rss_bytes() -> int:
-  """This process's peak resident set size (Linux reports KiB)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def peak_rss_bytes(pid: int | str = "self") -> int:
+  """Peak resident set size of a process (VmHWM, which exec resets; getrusage's
+  ru_maxrss would include the parent's RSS at fork)."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:  # no /proc, or the process has exited
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if pid == "self" else 0
+
+
+def release_freed_memory() -> None:
+  """Returns freed heap memory to the OS (glibc keeps large freed buffers of
+  worker threads in its arenas, which would otherwise add up across tensors)."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc
+    pass
 
 
 class Progress:
@@ -65,6 +83,7 @@ class Progress:
     self.total_tensors = total_tensors
     self.tensors = 0
     self.params = 0
+    self.nbytes = 0
     self.start = time.perf_counter()
     self.bar = tqdm.tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                          desc=desc, disable=not enabled, file=sys.stderr)
@@ -72,12 +91,13 @@ class Progress:
   def update(self, nbytes: int, tensors: int, params: int) -> None:
     self.tensors += tensors
     self.params += params
+    self.nbytes += nbytes
     self.bar.set_postfix_str(f"{self.tensors}/{self.total_tensors} tensors", refresh=False)
     self.bar.update(nbytes)
 
   def close(self) -> dict:
     self.bar.close()
-    return {"params": self.params, "tensors": self.tensors, "bytes": int(self.bar.n),
+    return {"params": self.params, "tensors": self.tensors, "bytes": self.nbytes,
             "seconds": round(time.perf_counter() - self.start, 3),
             "peak_rss_bytes": peak_rss_bytes()}
 
@@ -88,13 +108,13 @@ def summary_line(what: str, s: dict) -> str:
           f"peak RSS {s['peak_rss_bytes'] / 2**30:.3f} GiB")
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException, output_dir: str) -> str:
   text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
   no_space = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
       "No space left on device" in str(e))
   if no_space:
-    where = getattr(e, "filename", None)
-    text = f"no space left on device" + (f" writing {where}" if where else f" ({text[:300]})")
+    where = getattr(e, "filename", None) or os.path.dirname(os.path.abspath(output_dir))
+    text = f"no space left on device writing {where}"
   return text[:500]
 
 
@@ -115,7 +135,7 @@ def run_cli(prog: str, output_dir: str, fn: Callable[[], str]) -> int:
     print(f"{prog}: interrupted; {output_dir} left unchanged", file=sys.stderr)
     return 130
   except Exception as e:  # pylint: disable=broad-except
-    print(f"{prog}: error: {_one_line(e)}; {output_dir} left unchanged", file=sys.stderr)
+    print(f"{prog}: error: {_one_line(e, output_dir)}; {output_dir} left unchanged", file=sys.stderr)
     return 1
   finally:
     signal.signal(signal.SIGTERM, previous)

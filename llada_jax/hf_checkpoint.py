@@ -401,7 +401,8 @@ class SafetensorsShardWriter:
     fname = self._order[self._next][0]
     if self._handle is None:
       self._open(self.files.index(fname))
-    self._handle.write(np.ascontiguousarray(w, self.np_dtype).tobytes(order="C"))
+    w = np.ascontiguousarray(w, self.np_dtype)  # no copy when it already is
+    self._handle.write(w.reshape(-1).view(np.uint8).data)
     self._next += 1
     if self._next == len(self._order) or self._order[self._next][0] != fname:
       self._handle.close()
@@ -427,8 +428,10 @@ def read_params(reader, cfg: ModelConfig, dtype: str | None = None
   """Yields (Flax param path, numpy array in Flax layout), one parameter at a time.
 
   `reader` has `.get(name)`; `dtype` casts (default: the stored dtype).
-  Stacked parameters are assembled layer by layer into one buffer, so at most
-  one stacked tensor is resident at a time.
+  Stacked parameters are assembled layer by layer into one buffer; nothing is
+  kept after a parameter is yielded, so once the caller drops it at most one
+  (stacked) parameter is resident. An unstacked one is yielded without a copy
+  (a transposed view when the layouts differ).
   """
   np_dtype = NP_DTYPES[dtype] if dtype else None
   for m, shape in tensor_maps(cfg):
@@ -439,10 +442,12 @@ def read_params(reader, cfg: ModelConfig, dtype: str | None = None
         if buf is None:
           buf = np.empty(shape, np_dtype or w.dtype)
         buf[i] = w
+        del w
       yield m.param, buf
     else:
-      w = m.to_flax(reader.get(m.hf_name()), shape)
-      yield m.param, w if np_dtype is None else w.astype(np_dtype)
+      buf = m.to_flax(reader.get(m.hf_name()), shape)
+      yield m.param, buf if np_dtype is None else buf.astype(np_dtype, copy=False)
+    del buf
 
 
 def hf_tensors(params: dict[str, np.ndarray], cfg: ModelConfig
