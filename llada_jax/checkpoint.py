@@ -128,7 +128,8 @@ def params_pytree_dir(path: str) -> str:
                           f"{CHECKPOINTS_DIR}/ with a complete step)")
 
 
-def _flat(tree) -> dict[str, Any]:
+def flat_params(tree) -> dict[str, Any]:
+  """{"blocks/q_proj": leaf, ...} of a param pytree (nested dict or nnx.State)."""
   if isinstance(tree, nnx.State):
     tree = nnx.to_pure_dict(tree)
   return traverse_util.flatten_dict(dict(tree), sep="/")
@@ -144,7 +145,7 @@ def stored_params(pytree_dir: str) -> dict[str, tuple[tuple[int, ...], np.dtype]
     tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(pytree_dir)).tree
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"{pytree_dir}: unreadable Orbax checkpoint metadata ({e})") from e
-  return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in _flat(tree).items()}
+  return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in flat_params(tree).items()}
 
 
 def check_params(stored: Mapping[str, tuple], expected: Mapping[str, tuple[int, ...]],
@@ -184,14 +185,14 @@ def restore_params(dir_or_step_dir: str, abstract_state, shardings=None) -> dict
     The parameters as a nested dict of jax.Arrays.
   """
   pytree_dir = params_pytree_dir(dir_or_step_dir)
-  abstract = _flat(abstract_state)
+  abstract = flat_params(abstract_state)
   check_params(stored_params(pytree_dir), {k: v.shape for k, v in abstract.items()},
                pytree_dir)
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     placed = {k: device for k in abstract}
   else:
-    placed = _flat(shardings)
+    placed = flat_params(shardings)
   restore_args = {k: ocp.ArrayRestoreArgs(sharding=placed[k], global_shape=a.shape,
                                           dtype=a.dtype) for k, a in abstract.items()}
   item = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placed[k])
@@ -229,7 +230,7 @@ class OrbaxParams(Mapping):
         item=_nest({key: jax.ShapeDtypeStruct(shape, dtype)}),
         restore_args=_nest({key: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)}),
         partial_restore=True))
-    return _flat(out)[key]
+    return flat_params(out)[key]
 
   def __iter__(self) -> Iterator[str]:
     return iter(self.stored)
@@ -268,7 +269,7 @@ class ParamWriter:
 def save_params(directory: str, params) -> None:
   """Saves a param pytree (nested dict or nnx.State) to `directory` (must not exist)."""
   writer = ParamWriter(directory)
-  for path, array in _flat(params).items():
+  for path, array in flat_params(params).items():
     writer.write(path, array)
   writer.close()
 
@@ -287,7 +288,7 @@ def _placer(state: nnx.State, mesh: Mesh | None, rules):
   """path -> function putting a host array on device(s) with its sharding."""
   if mesh is None:
     return lambda path, x: jnp.asarray(x)
-  specs = _flat(sharding.param_specs(state, rules, mesh))
+  specs = flat_params(sharding.param_specs(state, rules, mesh))
   return lambda path, x: jax.device_put(x, NamedSharding(mesh, specs[path]))
 
 

@@ -191,9 +191,6 @@ class TensorSource:
     return sum(os.path.getsize(os.path.join(self.model_dir, f))
                for f in set(self.file_of.values()))
 
-  def tensor_nbytes(self, name: str) -> int:
-    return math.prod(self.shapes[name]) * ST_DTYPES[self.dtypes[name]].itemsize
-
 
 def _weight_map(index_path: str) -> dict[str, str]:
   with open(index_path) as f:

@@ -60,8 +60,8 @@ def test_sharded_restore_on_a_2x4_mesh(converted, tiny_model, reference, caplog)
   assert any("kv_heads=2" in r.getMessage() and "replicating" in r.getMessage()
              for r in caplog.records)
   state = nnx.to_pure_dict(nnx.split(model)[1])
-  want = checkpoint._flat(sharding.param_shardings(nnx.split(model)[1], mesh))
-  for path, array in checkpoint._flat(state).items():
+  want = checkpoint.flat_params(sharding.param_shardings(nnx.split(model)[1], mesh))
+  for path, array in checkpoint.flat_params(state).items():
     assert array.sharding == want[path], path
   # What the rules table asks for, spelled out; kv heads (2) do not divide tensor (4).
   assert state["blocks"]["q_proj"].sharding.spec == P(None, "fsdp", "tensor", None)
@@ -133,7 +133,7 @@ def test_missing_and_misshapen_params_are_named(fixture_dir, tiny_params, tmp_pa
 
 def test_orbax_params_restore_one_parameter_at_a_time(converted, tiny_params):
   params = checkpoint.OrbaxParams(converted)
-  assert len(params) == len(checkpoint._flat(tiny_params)) == 12
+  assert len(params) == len(checkpoint.flat_params(tiny_params)) == 12
   assert params.source_dtype() == "float32"
   q = params["blocks/q_proj"]
   assert isinstance(q, np.ndarray) and q.shape == model_lib.param_shapes(
@@ -143,6 +143,6 @@ def test_orbax_params_restore_one_parameter_at_a_time(converted, tiny_params):
   assert bf16.dtype == ml_dtypes.bfloat16
 
 
-def test_directory_without_weights_or_checkpoint_is_named(fixture_dir, tmp_path):
+def test_directory_without_weights_or_checkpoint_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="no Orbax parameter checkpoint"):
     checkpoint.restore_params(str(tmp_path), {})
