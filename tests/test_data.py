@@ -71,8 +71,8 @@ def test_resume_from_iterator_state_is_exact():
 def test_hosts_read_disjoint_slices():
   seen = []
   for host in range(2):
-    it = iter(_pretrain(process_index=host, process_count=2, seq_len=400, batch_size=1))
-    ids = next(it)["input_ids"][0].tolist()  # 400 tokens > one epoch of 20 documents
+    it = iter(_pretrain(process_index=host, process_count=2, seq_len=800, batch_size=1))
+    ids = next(it)["input_ids"][0].tolist()  # 800 tokens > one epoch of 20 documents
     seen.append({TOK.decode(p) for p in _split_eos(ids)})
   assert len(seen[0]) == len(seen[1]) == 20 and not seen[0] & seen[1]
 
