@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
       model=model_config(),
       kind="pretrain",  # "pretrain" | "sft" (SPEC §5)
       seed=0,
-      total_steps=1500,
+      total_steps=1000,
       batch_size=16,  # global batch, rows
       micro_batches=1,  # gradient accumulation
       seq_len=128,
@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
       optimizer=ml_collections.ConfigDict(dict(
           learning_rate=3e-3,
           warmup_steps=100,
-          decay_steps=450,
+          decay_steps=300,
           final_learning_rate=3e-4,
           drop_step=-1,
           drop_learning_rate=3e-3,
@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
       checkpoint=ml_collections.ConfigDict(dict(every_steps=500, keep=2)),
       max_nonfinite_in_a_row=3,  # then roll back to the last checkpoint
       rollback_lr_scale=0.5,
+      max_rollbacks=5,  # then stop with an error
       log_every=50,
       eval_every=500,
       eval_batches=8,

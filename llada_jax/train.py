@@ -73,7 +73,7 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: 
 
   loss, grads, masked = optimizer_lib.accumulate_gradients(
       loss_fn, state["params"], (batch["input_ids"], noise), micro_batches)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
@@ -170,16 +170,20 @@ def _has_tokenizer(directory: str) -> bool:
 
 def resolve_tokenizer(cfg, workdir: str, train_docs) -> tuple[Any, str]:
   """(tokenizer, its directory): the configured one, init_from's, the workdir's
-  (on resume), or a SentencePiece model trained here on the training documents."""
-  from llada_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  (on resume), or a SentencePiece model trained here on the training documents.
+  Pre-tokenized data may go without one: (None, None)."""
   for directory in (cfg.tokenizer.path, cfg.init_from, workdir):
     if directory and _has_tokenizer(directory):
+      from llada_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
       return tokenizer_lib.load_tokenizer(directory), directory
-  if cfg.tokenizer.path or cfg.init_from:
-    raise FileNotFoundError(f"no tokenizer.model / tokenizer.json in "
-                            f"{cfg.tokenizer.path or cfg.init_from!r}")
+  if cfg.tokenizer.path:
+    raise FileNotFoundError(f"config.tokenizer.path: no tokenizer.model / tokenizer.json in "
+                            f"{cfg.tokenizer.path!r}")
   if not cfg.tokenizer.train_vocab_size:
+    if cfg.kind == "pretrain" and len(train_docs) and "ids" in train_docs[0]:
+      return None, None  # pre-tokenized documents
     raise ValueError("config.tokenizer: set `path`, or `train_vocab_size` to train one")
+  from llada_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   out_dir = workdir
   if jax.process_index() == 0:
     corpus = os.path.join(out_dir, "tokenizer_corpus.txt")
@@ -211,11 +215,13 @@ def model_config(cfg, tokenizer) -> ModelConfig:
     model_cfg = config_from_model_dir(cfg.init_from, param_dtype="float32", **numerics)
   else:
     model_cfg = ModelConfig.from_dict({**model, "param_dtype": "float32"})
-  if tokenizer.vocab_size > model_cfg.embedding_size:
+  if tokenizer is None:
+    pass
+  elif tokenizer.vocab_size > model_cfg.embedding_size:
     raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
                      f"embedding_size={model_cfg.embedding_size}")
   for field, tok_field in (("mask_token_id", "mask_id"), ("eos_token_id", "eos_id")):
-    want, got = getattr(model_cfg, field), getattr(tokenizer, tok_field)
+    want, got = getattr(model_cfg, field), getattr(tokenizer, tok_field, None)
     if got is not None and want != got:
       raise ValueError(f"config.model.{field}={want} but the tokenizer's {tok_field} is {got}")
   if cfg.seq_len > model_cfg.max_sequence_length:
@@ -355,6 +361,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
         if back is None:
           raise RuntimeError(f"{in_a_row} non-finite steps in a row and no checkpoint to "
                              "roll back to")
+        if meta["rollbacks"] >= cfg.max_rollbacks:
+          raise RuntimeError(f"{in_a_row} non-finite steps in a row after {meta['rollbacks']}"
+                             f" rollbacks (config.max_rollbacks); giving up at step {step}")
         meta["lr_scale"] *= cfg.rollback_lr_scale
         step_fn, abstract, tx, graphdef = compile_train_step(cfg, model_cfg, mesh,
                                                              meta["lr_scale"])
@@ -399,7 +408,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       mngr.wait_until_finished()
       log(f"preempted: saved step {step}, exiting")
       progress.close()
-      return {"step": step, "preempted": True, **last}
+      return {"step": step, "preempted": True, "skipped_steps": meta["skipped_steps"],
+              "rollbacks": meta["rollbacks"], **last}
   if mngr.latest_step() != step:
     workdir_lib.save(mngr, step, state, iterator, meta, force=True)
   progress.close()
@@ -430,7 +440,7 @@ def write_samples(cfg, graphdef, params, evals, tokenizer, mesh) -> None:
     log("samples skipped: llada_jax.generate is not available in this checkout")
     return
   s = cfg.samples
-  if not s.num:
+  if not s.num or tokenizer is None:
     return
   model = nnx.merge(graphdef, params)
   prompt_ids = np.asarray(evals[0]["input_ids"][:s.num, :s.prompt_len])
