@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llada_jax import flops as flops_lib
 from llada_jax import sharding
@@ -81,12 +80,10 @@ def compile_step(cfg, model_cfg: ModelConfig, devices):
   """The compiled train step for abstract `devices` (nothing is allocated)."""
   mesh = sharding.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices=devices)
   step_fn, abstract, _, _ = train.compile_train_step(cfg, model_cfg, mesh)
-  batch_sh = train.batch_sharding(mesh)
-  batch = {"input_ids": jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32,
-                                             sharding=batch_sh)}
-  if cfg.kind == "sft":
-    batch["prompt_len"] = jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32,
-                                               sharding=NamedSharding(mesh, P(batch_sh.spec[0])))
+  shardings = train.batch_shardings(mesh, cfg.kind)
+  shapes = {"input_ids": (cfg.batch_size, cfg.seq_len), "prompt_len": (cfg.batch_size,)}
+  batch = {k: jax.ShapeDtypeStruct(shapes[k], jnp.int32, sharding=sh)
+           for k, sh in shardings.items()}
   return step_fn.lower(abstract, batch).compile()
 
 

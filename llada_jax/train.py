@@ -102,7 +102,17 @@ def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh, rules=sharding.DEFAULT_RULES) -> NamedSharding:
+  """Rows over the batch axes (data x fsdp): for [B, L] token arrays."""
   return NamedSharding(mesh, sharding.logical_to_spec(("batch", None), rules, mesh))
+
+
+def batch_shardings(mesh: Mesh, kind: str, rules=sharding.DEFAULT_RULES) -> dict[str, Any]:
+  """Shardings of a batch dict: input_ids [B, L] (+ prompt_len [B] for SFT)."""
+  rows = batch_sharding(mesh, rules)
+  out = {"input_ids": rows}
+  if kind == "sft":
+    out["prompt_len"] = NamedSharding(mesh, P(rows.spec[0]))
+  return out
 
 
 def state_shardings(graphdef_state: nnx.State, tx: optax.GradientTransformation, mesh: Mesh,
@@ -133,7 +143,7 @@ def compile_train_step(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, m
   step_fn = functools.partial(train_step, graphdef=graphdef, model_cfg=model_cfg, tx=tx,
                               schedule=schedule, kind=cfg.kind,
                               micro_batches=cfg.micro_batches, seed=cfg.seed)
-  batch_sh = batch_sharding(mesh, rules)
+  batch_sh = batch_shardings(mesh, cfg.kind, rules)
   jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh),
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
   return jitted, abstract, tx, graphdef
@@ -155,10 +165,8 @@ def init_state(cfg, model_cfg: ModelConfig, abstract: dict[str, Any],
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """The global batch from this host's slice (rows split over the data axes)."""
-  sh = batch_sharding(mesh)
-  row_sh = NamedSharding(mesh, P(sh.spec[0]))
-  return {k: jax.make_array_from_process_local_data(sh if v.ndim == 2 else row_sh, v)
-          for k, v in local.items()}
+  shardings = batch_shardings(mesh, "sft" if "prompt_len" in local else "pretrain")
+  return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
 
 
 # ---- set-up: tokenizer, model config, data -------------------------------------

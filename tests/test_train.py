@@ -147,6 +147,21 @@ def test_nonfinite_step_is_skipped(token_data):
   assert int(metrics["finite"]) == 1 and int(state["opt_state"][1][0].count) == 1
 
 
+def test_sft_step_keeps_prompt_and_learns(token_data):
+  cfg = _config(**{"data.source": token_data, "kind": "sft"})
+  model_cfg = ModelConfig.from_dict(cfg.model)
+  mesh = sharding.make_mesh((2, -1, 1))
+  step_fn, abstract, tx, _ = train.compile_train_step(cfg, model_cfg, mesh)
+  state = train.init_state(cfg, model_cfg, abstract, tx)
+  local = {"input_ids": np.tile(np.arange(7, 23, dtype=np.int32), (8, 1)),
+           "prompt_len": np.full((8,), 6, np.int32)}
+  losses = []
+  for _ in range(6):
+    state, metrics = step_fn(state, train.global_batch(local, mesh))
+    losses.append(float(metrics["loss"]))
+  assert int(metrics["finite"]) == 1 and losses[-1] < losses[0], losses
+
+
 def test_divergence_rolls_back_with_lower_lr(token_data, tmp_path):
   # A learning rate of 1e30 from step 5 blows the weights up to ~1e30, so the
   # RMSNorm statistics overflow and every later loss is NaN: two skipped steps,
