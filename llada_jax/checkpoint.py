@@ -6,7 +6,7 @@ the tokenizer files at the top:
   * HF snapshot: safetensors shards + `model.safetensors.index.json`, one
     `model.safetensors`, or PyTorch `.bin` files (read only with torch);
   * converted:  `params/`, an Orbax checkpoint of the parameter pytree
-    (`nnx.split(model)[1].to_pure_dict()`), written one parameter at a time;
+    (`nnx.to_pure_dict(nnx.split(model)[1])`), written one parameter at a time;
   * workdir:    `checkpoints/`, an Orbax `CheckpointManager` directory whose
     steps hold items `params`, `opt_state`, `data`, `meta`; read at the newest
     complete step, `params` only.
