@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -161,6 +162,8 @@ def largest_batch(cfg, model_cfg, devices, hbm: float) -> int:
 
 def main(argv) -> None:
   del argv
+  # Off a TPU VM libtpu cannot look the workers up (v6e descriptions then fail).
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   print(json.dumps(report(f.config, f.topology, f.max_batch), indent=2))
