@@ -113,9 +113,10 @@ def params_pytree_dir(path: str) -> str:
   """The Orbax pytree directory of the parameters under `path`.
 
   `path` may be a converted or workdir model directory, its `params/`, a
-  CheckpointManager step directory, or the pytree directory itself.
+  CheckpointManager step directory, or the pytree directory itself. The result
+  is absolute (Orbax refuses relative paths).
   """
-  path = os.fspath(path)
+  path = os.path.abspath(os.fspath(path))
   if os.path.exists(os.path.join(path, _PYTREE_METADATA)):
     return path
   if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):

@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import llada_jax
+from convert import hf_to_orbax
 from llada_jax import checkpoint
 from llada_jax import model as model_lib
 from llada_jax import sharding
@@ -146,3 +147,10 @@ def test_orbax_params_restore_one_parameter_at_a_time(converted, tiny_params):
 def test_directory_without_weights_or_checkpoint_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="no Orbax parameter checkpoint"):
     checkpoint.restore_params(str(tmp_path), {})
+
+
+def test_load_takes_a_relative_path(fixture_dir, tmp_path, monkeypatch):
+  hf_to_orbax.convert(fixture_dir, str(tmp_path / "conv"), None, False, False)
+  monkeypatch.chdir(tmp_path)
+  model = llada_jax.load("conv")
+  assert model.config.n_layers == 2
