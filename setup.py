@@ -42,5 +42,7 @@ setup(
     entry_points={"console_scripts": [
         "llada-sample=llada_jax.sample:main",
         "llada-tokenizer=llada_jax.tokenizer:main",
+        "llada-hf-to-orbax=convert.hf_to_orbax:main",
+        "llada-orbax-to-hf=convert.orbax_to_hf:main",
     ]},
 )

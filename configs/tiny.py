@@ -33,4 +33,54 @@ def model_config() -> ml_collections.ConfigDict:
 
 
 def get_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(model=model_config()))
+  """The embedded default: tokenizer + small LLaDA on Python's docs, ~minutes on 2 cores."""
+  return ml_collections.ConfigDict(dict(
+      model=model_config(),
+      kind="pretrain",  # "pretrain" | "sft" (SPEC §5)
+      seed=0,
+      total_steps=1000,
+      batch_size=16,  # global batch, rows
+      micro_batches=1,  # gradient accumulation
+      seq_len=128,
+      init_from="",  # a model dir (HF snapshot, converted dir or workdir)
+      mesh=ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)),  # -1 = the rest
+      data=ml_collections.ConfigDict(dict(
+          source="pydoc_data.topics",  # see llada_jax/data.py
+          eval_source="",  # default: a held-out fraction of `source`
+          eval_fraction=0.05,
+          tfds_split="train",
+          tfds_eval_split="validation",
+          data_dir="",
+          field="text",
+      )),
+      tokenizer=ml_collections.ConfigDict(dict(
+          path="",  # tokenizer dir/file; default: init_from's, else trained here
+          train_vocab_size=2048,  # SentencePiece trained on the training documents
+      )),
+      optimizer=ml_collections.ConfigDict(dict(
+          learning_rate=3e-3,
+          warmup_steps=100,
+          decay_steps=300,
+          final_learning_rate=3e-4,
+          drop_step=-1,
+          drop_learning_rate=3e-3,
+          weight_decay=0.1,
+          b1=0.9,
+          b2=0.99,
+          eps=1e-8,
+          clip_norm=1.0,
+      )),
+      checkpoint=ml_collections.ConfigDict(dict(every_steps=500, keep=2)),
+      max_nonfinite_in_a_row=3,  # then roll back to the last checkpoint
+      rollback_lr_scale=0.5,
+      max_rollbacks=5,  # then stop with an error
+      log_every=50,
+      eval_every=500,
+      eval_batches=8,
+      eval_batch_size=16,
+      eval_samples=2,  # Monte Carlo draws of the noise per held-out batch
+      peak_flops=0.0,  # per device; 0 = spec sheet (TPU) or a measured matmul
+      samples=ml_collections.ConfigDict(dict(num=2, prompt_len=16, gen_length=32, steps=32)),
+      distributed=False,  # force jax.distributed.initialize() (auto on multi-host TPU)
+      debug_kill_at_step=-1,  # tests: SIGKILL itself after this step (fault injection)
+  ))

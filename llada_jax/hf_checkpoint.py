@@ -8,7 +8,8 @@ converting, Flax -> HF when exporting) are derived from it:
     the head axes split out (q: [D, N, H], attn_out: [N, H, D]);
   * per-layer tensors `blocks.{i}.*` are stacked on a leading layers axis.
 
-Loading never runs pickled code: only safetensors are read here.
+Loading never runs pickled code: safetensors are parsed here; PyTorch `.bin`
+files only through `torch.load(weights_only=True)` when torch is installed.
 """
 
 from __future__ import annotations
@@ -107,60 +108,59 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   return out
 
 
-class SafetensorsReader:
-  """Reads tensors of an HF snapshot by name: sharded (index) or single file.
+# safetensors dtype names <-> numpy dtypes (the float types a LLaDA checkpoint uses).
+ST_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16),
+             "F16": np.dtype(np.float16), "F64": np.dtype(np.float64)}
+DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+_ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
-  Construction validates the index and the headers: every shard the index
-  names exists, and the tensor set/shapes can be checked with `check(cfg)`
-  before any data is read.
+
+def read_safetensors_header(path: str) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]]]:
+  """(data start offset, {name: (dtype, shape, begin, end)}) of one safetensors file.
+
+  Validates what a truncated or corrupt file breaks: the header length and
+  JSON, known dtypes, byte sizes matching shapes, contiguous data offsets and
+  the file size. Raises ValueError naming the file.
   """
+  def bad(why):
+    return ValueError(f"{path}: not a valid safetensors file ({why})")
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise bad(f"{size} bytes, too short for a header")
+    n = int.from_bytes(head, "little")
+    if n > size - 8 or n > 100_000_000:
+      raise bad(f"header length {n} exceeds the file size {size}")
+    try:
+      header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise bad(f"header is not JSON: {e}") from e
+  header.pop("__metadata__", None)
+  tensors, offset = {}, 0
+  for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+    dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    if dtype not in ST_DTYPES:
+      raise bad(f"tensor {name} has dtype {dtype}, not a float type")
+    if begin != offset or end - begin != math.prod(shape) * ST_DTYPES[dtype].itemsize:
+      raise bad(f"tensor {name}: data offsets {begin}..{end} do not fit its shape {shape}")
+    tensors[name] = (dtype, shape, begin, end)
+    offset = end
+  if 8 + n + offset != size:
+    raise bad(f"truncated: the header describes {8 + n + offset} bytes, the file has {size}")
+  return 8 + n, tensors
 
-  def __init__(self, model_dir: str):
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-    self._safe_open = safe_open
-    self.model_dir = model_dir
-    index_path = os.path.join(model_dir, INDEX_FILE)
-    single_path = os.path.join(model_dir, SINGLE_FILE)
-    if os.path.exists(index_path):
-      with open(index_path) as f:
-        try:
-          weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-          raise ValueError(f"{index_path}: not a safetensors index ({e})") from e
-    elif os.path.exists(single_path):
-      weight_map = None
-    else:
-      raise FileNotFoundError(
-          f"{model_dir}: no {INDEX_FILE} or {SINGLE_FILE} (PyTorch .bin files are "
-          f"read only by `python -m convert.hf_to_orbax`)")
-    self._handles = {}
-    self.shapes: dict[str, tuple[int, ...]] = {}
-    self.dtypes: dict[str, str] = {}
-    self.file_of: dict[str, str] = {}
-    files = sorted(set(weight_map.values())) if weight_map else [SINGLE_FILE]
-    for fname in files:
-      path = os.path.join(model_dir, fname)
-      if not os.path.exists(path):
-        raise FileNotFoundError(f"{INDEX_FILE} names shard {fname}, which does not exist "
-                                f"in {model_dir}")
-      try:
-        handle = safe_open(path, framework="numpy")
-        names = list(handle.keys())
-      except Exception as e:  # pylint: disable=broad-except
-        raise ValueError(f"{path}: unreadable safetensors file ({e})") from e
-      self._handles[fname] = handle
-      for name in names:
-        if weight_map is not None and weight_map.get(name) != fname:
-          raise ValueError(f"{path}: holds tensor {name}, which {INDEX_FILE} places in "
-                           f"{weight_map.get(name)}")
-        sl = handle.get_slice(name)
-        self.shapes[name] = tuple(sl.get_shape())
-        self.dtypes[name] = sl.get_dtype()
-        self.file_of[name] = fname
-    if weight_map is not None:
-      for name, fname in weight_map.items():
-        if name not in self.file_of:
-          raise ValueError(f"{INDEX_FILE} lists tensor {name} in {fname}, which lacks it")
+
+class TensorSource:
+  """Tensors of an HF snapshot by name, with `check(cfg)` before any data is read.
+
+  Subclasses fill `shapes`, `dtypes` (safetensors names: "BF16", "F32"...),
+  `file_of` and implement `get(name)`.
+  """
+  model_dir: str
+  shapes: dict[str, tuple[int, ...]]
+  dtypes: dict[str, str]
+  file_of: dict[str, str]
 
   def check(self, cfg: ModelConfig) -> None:
     """Missing / unexpected / misshapen tensors -> ValueError naming the tensor."""
@@ -179,15 +179,245 @@ class SafetensorsReader:
         raise ValueError(f"{self.model_dir}: tensor {name} has shape {self.shapes[name]}, "
                          f"config.json implies {shape}")
 
-  def get(self, name: str) -> np.ndarray:
-    try:
-      return self._handles[self.file_of[name]].get_tensor(name)
-    except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"{os.path.join(self.model_dir, self.file_of[name])}: cannot read "
-                       f"tensor {name} ({e})") from e
+  def source_dtype(self) -> str:
+    """The one dtype all tensors are stored in ("bfloat16", "float32"...)."""
+    kinds = sorted(set(self.dtypes.values()))
+    if len(kinds) != 1:
+      raise ValueError(f"{self.model_dir}: tensors are stored in several dtypes {kinds}; "
+                       f"pass --dtype")
+    return DTYPE_NAMES.get(kinds[0], kinds[0])
 
   def nbytes(self) -> int:
-    return sum(os.path.getsize(os.path.join(self.model_dir, f)) for f in self._handles)
+    return sum(os.path.getsize(os.path.join(self.model_dir, f))
+               for f in set(self.file_of.values()))
+
+
+def _weight_map(index_path: str) -> dict[str, str]:
+  with open(index_path) as f:
+    try:
+      return json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise ValueError(f"{index_path}: not a weights index ({e})") from e
+
+
+class SafetensorsReader(TensorSource):
+  """Reads tensors of an HF snapshot by name: sharded (index) or single file.
+
+  Construction validates the index and every header (each shard the index
+  names exists and is intact); `get` reads one tensor with plain file reads
+  (no memory map, so resident memory holds only the tensors in use).
+  """
+
+  def __init__(self, model_dir: str):
+    self.model_dir = model_dir
+    index_path = os.path.join(model_dir, INDEX_FILE)
+    single_path = os.path.join(model_dir, SINGLE_FILE)
+    if os.path.exists(index_path):
+      weight_map = _weight_map(index_path)
+    elif os.path.exists(single_path):
+      weight_map = None
+    else:
+      raise FileNotFoundError(
+          f"{model_dir}: no weights ({INDEX_FILE}, {SINGLE_FILE}, {BIN_INDEX_FILE} or "
+          f"{BIN_SINGLE_FILE}) and no Orbax checkpoint")
+    self.shapes, self.dtypes, self.file_of = {}, {}, {}
+    self._where: dict[str, tuple[int, int]] = {}
+    files = sorted(set(weight_map.values())) if weight_map else [SINGLE_FILE]
+    for fname in files:
+      path = os.path.join(model_dir, fname)
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"{INDEX_FILE} names shard {fname}, which does not exist "
+                                f"in {model_dir}")
+      start, tensors = read_safetensors_header(path)
+      for name, (dtype, shape, begin, end) in tensors.items():
+        if weight_map is not None and weight_map.get(name) != fname:
+          raise ValueError(f"{path}: holds tensor {name}, which {INDEX_FILE} places in "
+                           f"{weight_map.get(name)}")
+        self.shapes[name], self.dtypes[name], self.file_of[name] = shape, dtype, fname
+        self._where[name] = (start + begin, end - begin)
+    if weight_map is not None:
+      for name, fname in weight_map.items():
+        if name not in self.file_of:
+          raise ValueError(f"{INDEX_FILE} lists tensor {name} in {fname}, which lacks it")
+
+  def get(self, name: str) -> np.ndarray:
+    path = os.path.join(self.model_dir, self.file_of[name])
+    offset, nbytes = self._where[name]
+    out = np.empty(self.shapes[name], ST_DTYPES[self.dtypes[name]])
+    with open(path, "rb") as f:
+      f.seek(offset)
+      got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+    if got != nbytes:
+      raise ValueError(f"{path}: cannot read tensor {name} (file truncated while reading)")
+    return out
+
+
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
+BIN_SINGLE_FILE = "pytorch_model.bin"
+
+
+class TorchBinReader(TensorSource):
+  """PyTorch `.bin` snapshot, read with `torch.load(weights_only=True, mmap=True)`.
+
+  Needs torch (`pip install 'llada_jax[torch]'`); `weights_only` refuses any
+  pickled code. Shards are memory-mapped and opened one at a time.
+  """
+
+  def __init__(self, model_dir: str):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(
+          f"{model_dir}: holds PyTorch .bin weights; reading them needs torch "
+          f"(pip install 'llada_jax[torch]'), or convert them to safetensors first") from e
+    self._torch = torch
+    self.model_dir = model_dir
+    index_path = os.path.join(model_dir, BIN_INDEX_FILE)
+    if os.path.exists(index_path):
+      files = sorted(set(_weight_map(index_path).values()))
+    else:
+      files = [BIN_SINGLE_FILE]
+    self.shapes, self.dtypes, self.file_of = {}, {}, {}
+    self._open_name, self._open_dict = None, None
+    for fname in files:
+      if not os.path.exists(os.path.join(model_dir, fname)):
+        raise FileNotFoundError(f"{BIN_INDEX_FILE} names shard {fname}, which does not "
+                                f"exist in {model_dir}")
+      for name, t in self._shard(fname).items():
+        self.shapes[name] = tuple(t.shape)
+        self.dtypes[name] = {"torch.float32": "F32", "torch.bfloat16": "BF16",
+                             "torch.float16": "F16"}.get(str(t.dtype), str(t.dtype))
+        self.file_of[name] = fname
+
+  def _shard(self, fname: str) -> dict:
+    if self._open_name != fname:
+      path = os.path.join(self.model_dir, fname)
+      self._open_dict = None
+      try:
+        self._open_dict = self._torch.load(path, map_location="cpu", weights_only=True,
+                                           mmap=True)
+      except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(f"{path}: unreadable PyTorch checkpoint ({e})") from e
+      self._open_name = fname
+    return self._open_dict
+
+  def get(self, name: str) -> np.ndarray:
+    t = self._shard(self.file_of[name])[name].contiguous()
+    if t.dtype == self._torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
+      return t.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    return t.numpy().copy()
+
+
+def open_reader(model_dir: str) -> TensorSource:
+  """The reader for a snapshot: safetensors if present, else PyTorch `.bin`."""
+  has_bin = any(os.path.exists(os.path.join(model_dir, f))
+                for f in (BIN_INDEX_FILE, BIN_SINGLE_FILE))
+  has_st = any(os.path.exists(os.path.join(model_dir, f)) for f in (INDEX_FILE, SINGLE_FILE))
+  if has_bin and not has_st:
+    return TorchBinReader(model_dir)
+  return SafetensorsReader(model_dir)
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+  """"5GB" -> 5e9 bytes (decimal units as HF; "GiB" etc. binary); ints pass through."""
+  if isinstance(text, int):
+    return text
+  t = text.strip().upper()
+  num = t.rstrip("KMGTIB")
+  unit = t[len(num):]
+  try:
+    value = float(num)
+  except ValueError:
+    value = -1
+  if unit not in _SIZE_UNITS or value <= 0:
+    raise ValueError(f"max_shard_size: {text!r} is not a size like '5GB' or '500MiB'")
+  return int(value * _SIZE_UNITS[unit])
+
+
+class SafetensorsShardWriter:
+  """Streams tensors into safetensors shards of at most `max_shard_size` bytes.
+
+  The whole plan (names, shapes, dtype -> shard and offset) is fixed up front,
+  so every shard's header is written first and each tensor is appended as it
+  arrives, in plan order; nothing but the tensor in hand is held. `close`
+  writes `model.safetensors.index.json` (or, for one shard, names the file
+  `model.safetensors` as HF does). A tensor larger than the limit gets a
+  shard of its own.
+  """
+
+  def __init__(self, out_dir: str, shapes: dict[str, tuple[int, ...]], dtype: str,
+               max_shard_size: int | str = "5GB"):
+    self.out_dir = out_dir
+    self.np_dtype = np.dtype(NP_DTYPES[dtype])
+    limit = parse_size(max_shard_size)
+    itemsize = self.np_dtype.itemsize
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+      nbytes = math.prod(shape) * itemsize
+      if shards[-1] and size + nbytes > limit:
+        shards.append([])
+        size = 0
+      shards[-1].append(name)
+      size += nbytes
+    n = len(shards)
+    self.files = ([SINGLE_FILE] if n == 1 else
+                  [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+    self._shards = shards
+    self._shapes = shapes
+    self._order = [(f, name) for f, names in zip(self.files, shards) for name in names]
+    self._next = 0
+    self._handle = None
+    self.total_size = sum(math.prod(s) * itemsize for s in shapes.values())
+
+  def _open(self, shard: int) -> None:
+    st_dtype = _ST_NAMES[self.np_dtype]
+    header, offset = {}, 0
+    for name in self._shards[shard]:
+      end = offset + math.prod(self._shapes[name]) * self.np_dtype.itemsize
+      header[name] = {"dtype": st_dtype, "shape": list(self._shapes[name]),
+                      "data_offsets": [offset, end]}
+      offset = end
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    self._handle = open(os.path.join(self.out_dir, self.files[shard]), "wb")
+    self._handle.write(len(raw).to_bytes(8, "little") + raw)
+
+  def write(self, name: str, w: np.ndarray) -> None:
+    """Appends tensor `name` (the next in plan order), cast to the shard dtype."""
+    if self._next >= len(self._order) or self._order[self._next][1] != name:
+      want = self._order[self._next][1] if self._next < len(self._order) else "nothing"
+      raise ValueError(f"safetensors writer: got tensor {name}, expected {want}")
+    if tuple(w.shape) != tuple(self._shapes[name]):
+      raise ValueError(f"tensor {name}: shape {w.shape}, expected {self._shapes[name]}")
+    fname = self._order[self._next][0]
+    if self._handle is None:
+      self._open(self.files.index(fname))
+    w = np.ascontiguousarray(w, self.np_dtype)  # no copy when it already is
+    self._handle.write(w.reshape(-1).view(np.uint8).data)
+    self._next += 1
+    if self._next == len(self._order) or self._order[self._next][0] != fname:
+      self._handle.close()
+      self._handle = None
+
+  def close(self) -> list[str]:
+    """Checks every tensor was written, writes the index; returns the file names."""
+    if self._next != len(self._order):
+      raise ValueError(f"safetensors writer: tensor {self._order[self._next][1]} "
+                       f"was never written")
+    if len(self.files) > 1:
+      index = {"metadata": {"total_size": self.total_size},
+               "weight_map": {name: f for f, name in self._order}}
+      with open(os.path.join(self.out_dir, INDEX_FILE), "w") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
+      return self.files + [INDEX_FILE]
+    return list(self.files)
 
 
 def read_params(reader, cfg: ModelConfig, dtype: str | None = None
@@ -195,8 +425,10 @@ def read_params(reader, cfg: ModelConfig, dtype: str | None = None
   """Yields (Flax param path, numpy array in Flax layout), one parameter at a time.
 
   `reader` has `.get(name)`; `dtype` casts (default: the stored dtype).
-  Stacked parameters are assembled layer by layer into one buffer, so at most
-  one stacked tensor is resident at a time.
+  Stacked parameters are assembled layer by layer into one buffer; nothing is
+  kept after a parameter is yielded, so once the caller drops it at most one
+  (stacked) parameter is resident. An unstacked one is yielded without a copy
+  (a transposed view when the layouts differ).
   """
   np_dtype = NP_DTYPES[dtype] if dtype else None
   for m, shape in tensor_maps(cfg):
@@ -207,15 +439,21 @@ def read_params(reader, cfg: ModelConfig, dtype: str | None = None
         if buf is None:
           buf = np.empty(shape, np_dtype or w.dtype)
         buf[i] = w
+        del w
       yield m.param, buf
     else:
-      w = m.to_flax(reader.get(m.hf_name()), shape)
-      yield m.param, w if np_dtype is None else w.astype(np_dtype)
+      buf = m.to_flax(reader.get(m.hf_name()), shape)
+      yield m.param, buf if np_dtype is None else buf.astype(np_dtype, copy=False)
+    del buf
 
 
 def hf_tensors(params: dict[str, np.ndarray], cfg: ModelConfig
                ) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (HF name, array in HF layout) from Flax params keyed by path."""
+  """Yields (HF name, array in HF layout) from Flax params keyed by path.
+
+  `params` is any mapping (e.g. `checkpoint.OrbaxParams`, which restores on
+  lookup); the names come in `expected_hf_shapes(cfg)` order.
+  """
   for m, _ in tensor_maps(cfg):
     w = params[m.param]
     if m.stacked:
@@ -223,3 +461,4 @@ def hf_tensors(params: dict[str, np.ndarray], cfg: ModelConfig
         yield m.hf_name(i), m.to_hf(np.asarray(w[i]))
     else:
       yield m.hf_name(), m.to_hf(np.asarray(w))
+    del w  # `params` may restore lazily: hold one parameter at a time

@@ -1,0 +1,54 @@
+"""Model FLOPs of a training step and peak FLOP/s, for throughput and MFU.
+
+Model FLOPs per trained token = 3 x `ModelConfig.forward_flops_per_token`
+(forward + backward, the backward costing two forwards).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from llada_jax.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per chip (public spec sheets), by `device_kind` prefix.
+TPU_PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs (forward + backward) per token at sequence length `seq_len`."""
+  return 3.0 * cfg.forward_flops_per_token(seq_len)
+
+
+def measured_matmul_flops(n: int = 1024, dtype=jnp.float32, repeats: int = 10,
+                          device=None) -> float:
+  """FLOP/s of an n x n x n matmul on `device` (best of `repeats`)."""
+  device = device or jax.devices()[0]
+  a = jax.device_put(jnp.ones((n, n), dtype), device)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 / best
+
+
+def peak_flops_per_device(device=None) -> tuple[float, str]:
+  """(peak FLOP/s, how it was found): spec sheet for TPUs, else a measured matmul."""
+  device = device or jax.devices()[0]
+  for prefix, peak in sorted(TPU_PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+    if device.device_kind.startswith(prefix):
+      return peak, f"{device.device_kind} spec sheet (bf16)"
+  return measured_matmul_flops(device=device), f"measured float32 matmul on {device.device_kind}"
