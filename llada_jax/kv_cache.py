@@ -57,7 +57,7 @@ def gen_logits(model, ids_BL: jax.Array, attn_BL: jax.Array | None, cache: KVCac
   Only the step's window is computed: positions outside it hold zeros (they
   are never candidates: the current `block` (traced) always lies inside).
   mode "none": a full forward. "prefix" / "dual": a full forward storing the
-  cache when `refresh` (traced bool), else the window against `cache`.
+  cache when `refresh` (traced bool, or True), else the window against `cache`.
   """
   L = ids_BL.shape[1]
   P = L - gen_length
@@ -90,4 +90,6 @@ def gen_logits(model, ids_BL: jax.Array, attn_BL: jax.Array | None, cache: KVCac
                                      []), jnp.int32)
     branches = [functools.partial(prefix_window, width) for _, _, width in groups]
     window = lambda c: jax.lax.switch(group_of_block[block], branches, c)
+  if refresh is True:  # every step refreshes: no window program
+    return full(cache)
   return jax.lax.cond(refresh, full, window, cache)

@@ -159,7 +159,7 @@ def _sample_loop(graphdef, state, prompt_BP, attn_BP, rng, temperature, cfg_scal
     cache policy's window only, the rest of the generated part is zeros."""
     logits_BGV, cache = kv_cache.gen_logits(
         model, model_ids(c.x_BL), attn_BL, c.cache, mode=s.cache, gen_length=G,
-        block_length=bl, block=b, refresh=i % refresh_every == 0)
+        block_length=bl, block=b, refresh=True if refresh_every == 1 else i % refresh_every == 0)
     if s.cfg:
       logits_BGV = combine_guidance(logits_BGV, cfg_scale)
     if s.logits_eos_inf:

@@ -209,14 +209,15 @@ def test_decoding_rules():
   np.testing.assert_array_equal(decoding.factor_counts(conf, valid, 1.0), [2, 1])
   np.testing.assert_array_equal(decoding.factor_counts(conf, valid, 4.0), [3, 3])
   np.testing.assert_array_equal(decoding.factor_counts(conf, ~valid & valid, 1.0), [1, 1])
-  assert kv_cache.prefix_groups(256, 32) == [(b, b + 1, 256 - 32 * b) for b in range(8)]
+  assert kv_cache.prefix_groups(256, 32) == [(0, 2, 256), (2, 4, 192), (4, 6, 128), (6, 8, 64)]
+  assert kv_cache.prefix_groups(256, 32, 8) == [(b, b + 1, 256 - 32 * b) for b in range(8)]
   assert kv_cache.prefix_groups(64, 4, 4) == [(0, 4, 64), (4, 8, 48), (8, 12, 32),
                                               (12, 16, 16)]
 
 
 def test_one_program_per_rule_and_invalid_settings(tiny_model):
   prompt = np.array([[5, 6, 7]])
-  args = dict(gen_length=8, block_length=4, cache="dual")
+  args = dict(steps=8, gen_length=8, block_length=4, cache="dual")
   llada_jax.generate(tiny_model, prompt, threshold=0.9, **args)
   before = sampling._sample_loop_jit._cache_size()  # pylint: disable=protected-access
   llada_jax.generate(tiny_model, prompt, threshold=0.3, **args)
