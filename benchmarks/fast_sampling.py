@@ -139,6 +139,7 @@ def run_mode(model, tok, records, mode: dict, repeats: int) -> dict:
 
 def run(workdir: str, *, stage1_steps: int, stage2_steps: int, num_test: int, repeats: int,
         skip_train: bool) -> dict:
+  workdir = os.path.abspath(workdir)  # Orbax reads absolute paths only
   paths = make_task(os.path.join(workdir, "task"))
   tok = tokenizer_lib.load_tokenizer(paths["tokenizer"])
   stage1, stage2 = os.path.join(workdir, "stage1"), os.path.join(workdir, "stage2")
