@@ -128,12 +128,13 @@ class KVCache(NamedTuple):
 
 def block_forward(p: dict[str, jax.Array], x_BWD: jax.Array, mask_BS: jax.Array | None,
                   sin_WH: jax.Array, cos_WH: jax.Array, cfg: ModelConfig,
-                  constrain=lambda x, names: x, kv_BSKH=None, start=0):
+                  constrain=lambda x, names: x, kv_BSKH=None, start=0, fresh_from=None):
   """One Transformer layer on per-layer weights `p` (compute dtype = x's).
 
   Without `kv_BSKH` the W positions attend to themselves (S = W). With a cached
   (k, v) pair of length S, the window's fresh keys/values are written into it
-  at `start` and the window attends to all S positions.
+  at `start` and the window attends to all S positions; window positions
+  before `fresh_from` (absolute, may be traced) keep the cached ones instead.
   -> (y [B, W, D], (k [B, S, K, H], v [B, S, K, H])).
   """
   dt = x_BWD.dtype
@@ -146,6 +147,12 @@ def block_forward(p: dict[str, jax.Array], x_BWD: jax.Array, mask_BS: jax.Array 
   if kv_BSKH is None:
     k_BSKH, v_BSKH = k_BWKH, v_BWKH
   else:
+    W = x_BWD.shape[1]
+    if fresh_from is not None:
+      stale_W1 = (start + jnp.arange(W) < fresh_from)[:, None, None]
+      k_BWKH, v_BWKH = (
+          jnp.where(stale_W1, jax.lax.dynamic_slice_in_dim(cached, start, W, axis=1), fresh)
+          for fresh, cached in ((k_BWKH, kv_BSKH[0]), (v_BWKH, kv_BSKH[1])))
     k_BSKH = jax.lax.dynamic_update_slice_in_dim(kv_BSKH[0], k_BWKH.astype(kv_BSKH[0].dtype),
                                                  start, axis=1)
     v_BSKH = jax.lax.dynamic_update_slice_in_dim(kv_BSKH[1], v_BWKH.astype(kv_BSKH[1].dtype),
@@ -186,7 +193,8 @@ class Transformer(nnx.Module):
   def _constrain(self, x, names):
     return sharding.constrain(x, names, self.rules, self.mesh)
 
-  def _run(self, ids_BW, mask_BS, start, cache: KVCache | None, return_kv: bool):
+  def _run(self, ids_BW, mask_BS, start, cache: KVCache | None, return_kv: bool,
+           fresh_from=None):
     """Embed -> scanned layers -> head, for positions start…start+W−1."""
     cfg = self.config
     dt = DTYPES[cfg.dtype]
@@ -199,7 +207,7 @@ class Transformer(nnx.Module):
     def layer(x_BWD, xs):
       p, kv = xs
       y_BWD, kv = block_forward(p, x_BWD, mask_BS, sin_WH, cos_WH, cfg, self._constrain,
-                                kv, start)
+                                kv, start, fresh_from)
       return y_BWD, (kv if return_kv else None)
 
     if cfg.remat_policy != "none":
@@ -236,15 +244,19 @@ class Transformer(nnx.Module):
     return self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=True)
 
   def forward_window(self, window_ids_BW: jax.Array, start, cache: KVCache,
-                     attention_mask_BS: jax.Array | None = None
+                     attention_mask_BS: jax.Array | None = None, fresh_from=None
                      ) -> tuple[jax.Array, KVCache]:
     """Positions start…start+W−1 only, attending to all S cached positions.
 
     The window's fresh keys/values replace the cache's rows there (returned
     cache); `start` may be traced; `attention_mask_BS` covers all S positions.
+    With `fresh_from` (may be traced), window positions before it keep their
+    cached keys/values in every layer: their own outputs are then meaningless,
+    and positions from `fresh_from` on see exactly the cache there.
     -> (logits [B, W, V] float32, updated KVCache).
     """
-    return self._run(window_ids_BW, attention_mask_BS, start, cache, return_kv=True)
+    return self._run(window_ids_BW, attention_mask_BS, start, cache, return_kv=True,
+                     fresh_from=fresh_from)
 
   def __call__(self, input_ids, attention_mask=None) -> jax.Array:
     """Jitted forward: int [B, L] (+ {0,1} mask [B, L]) -> float32 [B, L, V]."""

@@ -6,7 +6,8 @@
 
 Sampler flags carry `generate`'s argument names (--steps --gen_length
 --block_length --temperature --cfg_scale --remasking --logits_eos_inf
---confidence_eos_eot_inf) plus --seed; `add_sampler_flags` gives any front end
+--confidence_eos_eot_inf, and the fast-sampling --cache --cache_refresh
+--threshold --factor --stop_at_eos) plus --seed; `add_sampler_flags` gives any front end
 the same ones. Input lines are {"prompt": "..."} (chat-templated with --chat) or
 {"messages": [{"role": ..., "content": ...}, ...]} (always chat-templated),
 optionally with per-line sampler settings under the same names. Each output
@@ -28,13 +29,16 @@ import jax
 import numpy as np
 import tqdm
 
+from llada_jax import kv_cache
 from llada_jax import sampling
 from llada_jax.tokenizer import Tokenizer, load_tokenizer
 
 # generate's sampler arguments and their defaults, from its signature.
 SAMPLER_ARGS = {
     name: p.default for name, p in inspect.signature(sampling.generate).parameters.items()
-    if p.kind == p.KEYWORD_ONLY and name not in ("rng", "trace", "constraints")}
+    if p.kind == p.KEYWORD_ONLY and name not in ("rng", "trace", "constraints", "return_nfe")}
+# Flags whose default is None: their value type.
+OPTIONAL_TYPES = {"cache_refresh": int, "threshold": float, "factor": float}
 LINE_SETTINGS = set(SAMPLER_ARGS) | {"seed"}
 
 
@@ -46,6 +50,10 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
       group.add_argument(f"--{name}", action="store_true")
     elif name == "remasking":
       group.add_argument(f"--{name}", default=default, choices=sampling.REMASKING)
+    elif name == "cache":
+      group.add_argument(f"--{name}", default=default, choices=kv_cache.CACHES)
+    elif default is None:
+      group.add_argument(f"--{name}", type=OPTIONAL_TYPES[name], default=None)
     else:
       group.add_argument(f"--{name}", type=type(default), default=default)
   group.add_argument("--seed", type=int, default=0, help="PRNG seed (generate's rng)")
@@ -57,7 +65,7 @@ def sampler_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check(settings: dict[str, Any], cfg=None, prompt_len: int = 0) -> None:
-  for name in ("logits_eos_inf", "confidence_eos_eot_inf"):
+  for name in ("logits_eos_inf", "confidence_eos_eot_inf", "stop_at_eos"):
     if not isinstance(settings[name], bool):
       raise ValueError(f"{name}: expected true or false, got {settings[name]!r}")
   if isinstance(settings["seed"], bool) or not isinstance(settings["seed"], int):

@@ -22,3 +22,16 @@ def test_sampling_benchmark_runs_both_samplers():
   assert r["same_tokens"]  # the reference-style loop and the compiled sampler agree
   assert r["loop_tokens_per_s"] > 0 and r["compiled_tokens_per_s"] > 0
   assert r["speedup"] == r["loop_seconds"] / r["compiled_seconds"]
+
+
+def test_fast_sampling_task_is_split_by_construction(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  from benchmarks import fast_sampling  # pylint: disable=g-import-not-at-top
+  paths = fast_sampling.make_task(str(tmp_path), num_train=500, num_test=50)
+  split = {name: [json.loads(l) for l in open(paths[name])] for name in ("train", "test")}
+  assert len(split["train"]) == 500 and len(split["test"]) == 50
+  assert all(fast_sampling.is_test(r["prompt"]) for r in split["test"])
+  assert not any(fast_sampling.is_test(r["prompt"]) for r in split["train"])
+  assert all(r["response"] == "".join(sorted(r["prompt"])) for r in split["test"])
+  tok = fast_sampling.tokenizer_lib.load_tokenizer(paths["tokenizer"])
+  assert tok.encode("0123") == [tok.encode(d)[0] for d in "0123"]  # one token per digit

@@ -15,13 +15,21 @@ FLAGS = ["--steps", "8", "--gen_length", "8", "--block_length", "4"]
 def test_sampler_flags_carry_generate_names():
   assert set(sample.SAMPLER_ARGS) == {
       "steps", "gen_length", "block_length", "temperature", "cfg_scale", "remasking",
-      "logits_eos_inf", "confidence_eos_eot_inf"}
+      "logits_eos_inf", "confidence_eos_eot_inf", "cache", "cache_refresh", "threshold",
+      "factor", "stop_at_eos"}
   parser = sample.argparse.ArgumentParser()
   sample.add_sampler_flags(parser)
   args = parser.parse_args(["--temperature", "0.5", "--logits_eos_inf", "--seed", "3"])
   settings = sample.sampler_settings(args)
   assert settings["temperature"] == 0.5 and settings["logits_eos_inf"] is True
   assert settings["seed"] == 3 and settings["steps"] == 128
+  assert settings["cache"] == "none" and settings["threshold"] is None
+  fast = sample.sampler_settings(parser.parse_args(
+      ["--cache", "dual", "--cache_refresh", "4", "--threshold", "0.9", "--stop_at_eos"]))
+  assert (fast["cache"], fast["cache_refresh"], fast["threshold"], fast["factor"],
+          fast["stop_at_eos"]) == ("dual", 4, 0.9, None, True)
+  with pytest.raises(SystemExit):
+    parser.parse_args(["--cache", "kv"])
 
 
 def test_single_prompt(tiny_model, fixture_dir, capsys):
@@ -32,6 +40,16 @@ def test_single_prompt(tiny_model, fixture_dir, capsys):
   ids = tok.apply_chat_template([{"role": "user", "content": "def f(x):"}])
   out = llada_jax.generate(tiny_model, np.asarray(ids), steps=8, gen_length=8, block_length=4)
   assert printed == tok.decode(np.asarray(out)[len(ids):]) + "\n"
+
+
+def test_fast_sampling_flags(tiny_model, fixture_dir, capsys):
+  fast = ["--cache", "dual", "--threshold", "0.5", "--stop_at_eos"]
+  assert sample.main(["--checkpoint", fixture_dir, "--prompt", "def f(x):"] + FLAGS + fast) == 0
+  tok = load_tokenizer(fixture_dir)
+  ids = tok.encode("def f(x):")
+  out = llada_jax.generate(tiny_model, np.asarray(ids), steps=8, gen_length=8, block_length=4,
+                           cache="dual", threshold=0.5, stop_at_eos=True)
+  assert capsys.readouterr().out == tok.decode(np.asarray(out)[len(ids):]) + "\n"
 
 
 def test_batch_mode_keeps_order_and_skips_bad_lines(tiny_model, fixture_dir, tmp_path, capsys):
@@ -79,6 +97,8 @@ def test_left_pad():
     (["--input", "missing.jsonl", "--output", "o.jsonl"], "--input"),
     (["--prompt", "a", "--gen_length", "10", "--block_length", "4"], "block_length"),
     (["--prompt", "a", "--steps", "0"], "steps"),
+    (["--prompt", "a", "--threshold", "0.9", "--remasking", "random"], "threshold"),
+    (["--prompt", "a", "--cache_refresh", "0"], "cache_refresh"),
 ])
 def test_bad_flags_fail_before_loading(fixture_dir, capsys, argv, message):
   with pytest.raises(SystemExit):

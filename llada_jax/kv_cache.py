@@ -1,0 +1,95 @@
+"""How a sampler step gets its logits under each KV-cache policy (Fast-dLLM style).
+
+A step computes logits for a *window* of positions only:
+
+- "none": every step is a full forward; the window is the generated part.
+- "prefix": a refresh step (the first of each block, and every `cache_refresh`
+  steps) is a full forward that also stores every position's keys (after RoPE)
+  and values; the other steps run the window = the block and everything after
+  it, attending to the cached keys/values of the positions before the block.
+- "dual": a refresh step is the same full forward; the other steps run only
+  the block's positions, attending to the cache for every other position and
+  writing the block's fresh keys/values into it in place.
+
+Shapes are static, so a prefix window covers a static span [L − W, L) that may
+start before the block: positions in it before the block (`fresh_from`) keep
+their cached keys/values in every layer (`Transformer.forward_window`), which
+computes exactly what the window [block start, L) would. `prefix_groups` picks
+at most `MAX_PREFIX_WINDOWS` window sizes (one compiled window program each,
+chosen per block by `lax.switch`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from llada_jax.model import DTYPES, KVCache
+
+CACHES = ("none", "prefix", "dual")
+MAX_PREFIX_WINDOWS = 4
+
+
+def prefix_groups(gen_length: int, block_length: int, max_windows: int = MAX_PREFIX_WINDOWS
+                  ) -> list[tuple[int, int, int]]:
+  """Consecutive block ranges sharing one prefix-window size:
+  [(first block, end block, window W)], W = gen_length − first·block_length."""
+  num_blocks = gen_length // block_length
+  groups = min(num_blocks, max_windows)
+  bounds = [round(g * num_blocks / groups) for g in range(groups + 1)]
+  return [(b0, b1, gen_length - b0 * block_length) for b0, b1 in zip(bounds, bounds[1:])]
+
+
+def empty_cache(cfg, batch: int, length: int) -> KVCache:
+  """Zero keys/values [Y, batch, length, K, H] in the compute dtype."""
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  zeros = jnp.zeros(shape, DTYPES[cfg.dtype])
+  return KVCache(zeros, zeros)
+
+
+def gen_logits(model, ids_BL: jax.Array, attn_BL: jax.Array | None, cache: KVCache | None,
+               *, mode: str, gen_length: int, block_length: int, block, refresh
+               ) -> tuple[jax.Array, KVCache | None]:
+  """float32 logits [B, gen_length, V] of the generated part, and the cache.
+
+  Only the step's window is computed: positions outside it hold zeros (they
+  are never candidates: the current `block` (traced) always lies inside).
+  mode "none": a full forward. "prefix" / "dual": a full forward storing the
+  cache when `refresh` (traced bool, or True), else the window against `cache`.
+  """
+  L = ids_BL.shape[1]
+  P = L - gen_length
+  if mode == "none":
+    return model.forward(ids_BL, attn_BL)[:, P:], cache
+
+  def full(_):
+    logits_BLV, new_cache = model.forward_with_cache(ids_BL, attn_BL)
+    return logits_BLV[:, P:], new_cache
+
+  def dual_window(old_cache):
+    start = P + block * block_length
+    ids_BW = jax.lax.dynamic_slice_in_dim(ids_BL, start, block_length, axis=1)
+    logits_BWV, new_cache = model.forward_window(ids_BW, start, old_cache, attn_BL)
+    zeros_BGV = jnp.zeros(logits_BWV.shape[:1] + (gen_length,) + logits_BWV.shape[2:],
+                          logits_BWV.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(zeros_BGV, logits_BWV, start - P, axis=1), new_cache
+
+  def prefix_window(width: int, old_cache):
+    logits_BWV, _ = model.forward_window(ids_BL[:, L - width:], L - width, old_cache, attn_BL,
+                                         fresh_from=P + block * block_length)
+    # The window recomputes all its positions every step: keep the refresh cache.
+    return jnp.pad(logits_BWV, ((0, 0), (gen_length - width, 0), (0, 0))), old_cache
+
+  if mode == "dual":
+    window = dual_window
+  else:
+    groups = prefix_groups(gen_length, block_length)
+    group_of_block = jnp.asarray(sum(([g] * (b1 - b0) for g, (b0, b1, _) in enumerate(groups)),
+                                     []), jnp.int32)
+    branches = [functools.partial(prefix_window, width) for _, _, width in groups]
+    window = lambda c: jax.lax.switch(group_of_block[block], branches, c)
+  if refresh is True:  # every step refreshes: no window program
+    return full(cache)
+  return jax.lax.cond(refresh, full, window, cache)
