@@ -65,6 +65,8 @@ def test_run_same_command_on_all_workers_and_copy_logs():
                     "'--config.init_from=gs://bucket/LLaDA 8B'; } 2>&1 | tee -a "
                     "~/llada_logs/run.log; exit ${PIPESTATUS[0]}")
   assert cmd[8:] == ["--zone=z"]
+  [cmd] = dry("run", "--name", "llada", "--zone", "z", "--worker", "0", "--", "ls")
+  assert cmd[6] == "--worker=0"
   assert dry("copy_logs", "--name", "llada", "--zone", "z", "--num_workers", "2",
              "--local_dir", "logs") == [
       ["mkdir", "-p", "logs/worker0"], ["mkdir", "-p", "logs/worker1"],
@@ -112,3 +114,17 @@ def test_bad_input_is_named():
   bad = pod("run", "--dry_run", "--name", "x", "--zone", "z", "--env", "1A", "--", "ls",
             check=False)
   assert bad.returncode == 2 and "--env: expected KEY=VALUE" in bad.stderr
+  bad = pod("run", "--dry_run", "--name", "x", "--zone", "z", "--worker", "w1", "--", "ls",
+            check=False)
+  assert bad.returncode == 2 and "--worker: expected 'all' or a worker index" in bad.stderr
+
+
+def test_mount_bucket_on_every_worker():
+  [cmd] = dry("mount", "--name", "llada", "--zone", "z", "--bucket", "my-bucket")
+  assert cmd[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "llada", "--worker=all"]
+  assert cmd[7].startswith("--command=(command -v gcsfuse > /dev/null || (")
+  assert cmd[7].endswith("sudo mkdir -p /mnt/my-bucket && sudo chown $USER /mnt/my-bucket && "
+                         "(mountpoint -q /mnt/my-bucket || "
+                         "gcsfuse --implicit-dirs my-bucket /mnt/my-bucket)")
+  bad = pod("mount", "--dry_run", "--name", "x", "--zone", "z", "--bucket", "gs://b", check=False)
+  assert bad.returncode == 2 and "--bucket: expected a bucket name" in bad.stderr

@@ -3,8 +3,9 @@
   python -m tpu.pod create    --name llada --zone us-east5-a --accelerator_type v5p-64 [--queued] [--spot]
   python -m tpu.pod status    --name llada --zone us-east5-a [--queued]
   python -m tpu.pod install   --name llada --zone us-east5-a
+  python -m tpu.pod mount     --name llada --zone us-east5-a --bucket BUCKET   # /mnt/BUCKET
   python -m tpu.pod run       --name llada --zone us-east5-a -- \\
-      python -m llada_jax.train --config configs/llada_8b_sft.py --workdir gs://BUCKET/sft
+      python -m llada_jax.train --config configs/llada_8b_sft.py --workdir /mnt/BUCKET/sft
   python -m tpu.pod copy_logs --name llada --zone us-east5-a --num_workers 8 --local_dir logs/
   python -m tpu.pod delete    --name llada --zone us-east5-a [--queued]
 
@@ -93,6 +94,25 @@ def install_commands(a) -> list[list[str]]:
   ]
 
 
+def mount_commands(a) -> list[list[str]]:
+  """gcsfuse-mounts a bucket at the same path on every worker: a shared workdir for
+  multi-host Orbax checkpoints (every host writes its shards to the same directory)."""
+  if a.bucket.startswith("gs://") or "/" in a.bucket:
+    raise ValueError(f"--bucket: expected a bucket name, got {a.bucket!r}")
+  mount_point = a.mount_point or f"/mnt/{a.bucket}"
+  install = " && ".join([
+      "GCSFUSE_REPO=gcsfuse-$(lsb_release -c -s)",
+      "echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] "
+      "https://packages.cloud.google.com/apt $GCSFUSE_REPO main\" "
+      "| sudo tee /etc/apt/sources.list.d/gcsfuse.list",
+      "curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg "
+      "| sudo tee /usr/share/keyrings/cloud.google.asc > /dev/null",
+      "sudo apt-get update -qq", "sudo apt-get install -y -qq gcsfuse"])
+  mount = (f"sudo mkdir -p {mount_point} && sudo chown $USER {mount_point} && "
+           f"(mountpoint -q {mount_point} || gcsfuse --implicit-dirs {a.bucket} {mount_point})")
+  return [_ssh(a, f"(command -v gcsfuse > /dev/null || ({install})) && {mount}")]
+
+
 def run_commands(a) -> list[list[str]]:
   if not a.command:
     raise ValueError("run: give the command after --, e.g. -- python -m llada_jax.train ...")
@@ -105,7 +125,7 @@ def run_commands(a) -> list[list[str]]:
   else:
     remote = (f"mkdir -p {LOG_DIR} && {{ {prepare} && {command}; }} 2>&1 | tee -a {log}; "
               "exit ${PIPESTATUS[0]}")
-  return [_ssh(a, remote)]
+  return [_ssh(a, remote, a.worker)]
 
 
 def copy_logs_commands(a) -> list[list[str]]:
@@ -123,7 +143,7 @@ def delete_commands(a) -> list[list[str]]:
 
 
 COMMANDS = {"create": create_commands, "status": status_commands, "install": install_commands,
-            "run": run_commands, "copy_logs": copy_logs_commands, "delete": delete_commands}
+            "mount": mount_commands, "run": run_commands, "copy_logs": copy_logs_commands, "delete": delete_commands}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,8 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--source", default=".", help="git checkout to ship (its HEAD)")
   p.add_argument("--extras", default="tpu", help="pip extras to install")
   p.add_argument("--python", default="python3.11", help="interpreter for the venv")
+  p = sub.add_parser("mount", parents=[common], help="mount a GCS bucket on every worker")
+  p.add_argument("--bucket", required=True, help="bucket name (no gs://)")
+  p.add_argument("--mount_point", help="default: /mnt/BUCKET")
   p = sub.add_parser("run", parents=[common], help="run a command on every worker")
   p.add_argument("--background", action="store_true", help="detach (nohup); see the log")
+  p.add_argument("--worker", default="all", help="'all' or one worker's index")
   p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                  help="environment variable for the command (repeatable)")
   p.add_argument("--log_name", default="run.log", help=f"log file under {LOG_DIR}")
@@ -170,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   for env in getattr(args, "env", []):
     if "=" not in env or not env.split("=", 1)[0].isidentifier():
       parser.error(f"--env: expected KEY=VALUE, got {env!r}")
+  if args.subcommand == "run" and not (args.worker == "all" or args.worker.isdigit()):
+    parser.error(f"--worker: expected 'all' or a worker index, got {args.worker!r}")
   if getattr(args, "num_workers", 1) < 1:
     parser.error(f"--num_workers: expected a positive integer, got {args.num_workers}")
   try:
