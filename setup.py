@@ -26,7 +26,8 @@ EXTRAS = {
     "eval": ["lm-eval==0.4.13"],
     "app": ["gradio>=5"],
     "tpu": ["jax[tpu]==0.10.2"],
-    "test": ["pytest>=8", "pytest-timeout"],
+    "test": ["pytest>=8", "pytest-timeout", "lm-eval==0.4.13", "nbclient>=0.10",
+             "nbformat>=5.10", "ipykernel>=6.29"],
 }
 
 setup(
@@ -41,6 +42,7 @@ setup(
     extras_require=EXTRAS,
     entry_points={"console_scripts": [
         "llada-sample=llada_jax.sample:main",
+        "llada-evaluate=llada_jax.evaluate:main",
         "llada-tokenizer=llada_jax.tokenizer:main",
         "llada-hf-to-orbax=convert.hf_to_orbax:main",
         "llada-orbax-to-hf=convert.orbax_to_hf:main",

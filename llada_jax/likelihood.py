@@ -119,7 +119,7 @@ def _pairs(prompt_ids, answer_ids, embedding_size):
 
 
 def log_likelihood(model, prompt_ids, answer_ids, *, mc_num: int = 128, batch_size: int = 16,
-                   cfg_scale: float = 0., rng: Any = None):
+                   cfg_scale: float = 0., rng: Any = None, pad_to: int | None = None):
   """Monte Carlo estimate of log p(answer | prompt) in nats (SPEC §4), unbiased.
 
   Args:
@@ -132,6 +132,9 @@ def log_likelihood(model, prompt_ids, answer_ids, *, mc_num: int = 128, batch_si
     cfg_scale: unsupervised classifier-free guidance (0 = off).
     rng: a jax PRNG key or int seed (None = key 0); pair i, mini-batch m draws
       from fold_in(fold_in(rng, i), m), whatever else is in the call.
+    pad_to: pad the pairs to at least this many tokens (capped at the model's
+      max_sequence_length), so that calls with different lengths share one
+      compiled program; the padding is masked and changes no draw.
   Returns:
     A float for one pair, else float32 [num_pairs].
   """
@@ -149,6 +152,8 @@ def log_likelihood(model, prompt_ids, answer_ids, *, mc_num: int = 128, batch_si
     raise ValueError(f"prompt_ids[{i}], answer_ids[{i}]: length {lengths[i]} exceeds "
                      f"max_sequence_length={cfg.max_sequence_length}")
   L = int(lengths.max())
+  if pad_to is not None:
+    L = max(L, min(sampling.positive_int("pad_to", pad_to), cfg.max_sequence_length))
   n_pairs = len(answers)
   chunk = max(1, min(n_pairs, MAX_ROWS_PER_FORWARD // batch_size))
   order = np.arange(-(-n_pairs // chunk) * chunk) % n_pairs  # last chunk padded by repeats
