@@ -64,6 +64,15 @@ def sampler_settings(args: argparse.Namespace) -> dict[str, Any]:
   return {name: getattr(args, name) for name in LINE_SETTINGS}
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+  """--checkpoint, --tokenizer, --dtype: the model a front end loads."""
+  parser.add_argument("--checkpoint", required=True,
+                      help="model directory: HF snapshot, converted checkpoint or training workdir")
+  parser.add_argument("--tokenizer", help="tokenizer directory or file (default: --checkpoint)")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="compute and parameter dtype")
+
+
 def _check(settings: dict[str, Any], cfg=None, prompt_len: int = 0) -> None:
   for name in ("logits_eos_inf", "confidence_eos_eot_inf", "stop_at_eos"):
     if not isinstance(settings[name], bool):
@@ -182,16 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m llada_jax.sample",
                                    description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True,
-                      help="model directory: HF snapshot, converted checkpoint or training workdir")
-  parser.add_argument("--tokenizer", help="tokenizer directory or file (default: --checkpoint)")
+  add_model_flags(parser)
   parser.add_argument("--prompt", help="one prompt; the completion goes to stdout")
   parser.add_argument("--chat", action="store_true", help="apply the chat template")
   parser.add_argument("--input", help="JSONL file of prompts (batch mode)")
   parser.add_argument("--output", help="JSONL file to write (batch mode)")
   parser.add_argument("--batch_size", type=int, default=16)
-  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                      help="compute and parameter dtype")
   add_sampler_flags(parser)
   args = parser.parse_args(argv)
 
