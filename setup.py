@@ -27,7 +27,8 @@ EXTRAS = {
     "app": ["gradio>=5"],
     "tpu": ["jax[tpu]==0.10.2"],
     "test": ["pytest>=8", "pytest-timeout", "lm-eval==0.4.13", "nbclient>=0.10",
-             "nbformat>=5.10", "ipykernel>=6.29"],
+             "nbformat>=5.10", "ipykernel>=6.29", "pexpect>=4.8", "gradio>=5",
+             "playwright>=1.40"],
 }
 
 setup(
@@ -42,6 +43,8 @@ setup(
     extras_require=EXTRAS,
     entry_points={"console_scripts": [
         "llada-sample=llada_jax.sample:main",
+        "llada-chat=llada_jax.chat:main",
+        "llada-app=llada_jax.app:main",
         "llada-evaluate=llada_jax.evaluate:main",
         "llada-tokenizer=llada_jax.tokenizer:main",
         "llada-hf-to-orbax=convert.hf_to_orbax:main",
