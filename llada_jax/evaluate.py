@@ -20,8 +20,10 @@ block_length, temperature, cfg_scale, remasking, logits_eos_inf, ...). lm-eval's
 `--batch_size` is the number of requests scored or generated together.
 
 - `loglikelihood`: the unbiased Monte Carlo ELBO of `llada_jax.log_likelihood`.
-  Each group of `batch_size` requests is one call with `rng=seed`, so a request
-  scored alone equals `log_likelihood(model, ctx_ids, cont_ids, rng=seed)`.
+  Each group of `batch_size` requests (sorted by length, padded to a length
+  bucket: padding is masked and changes no draw) is one call with `rng=seed`,
+  so a request scored alone equals `log_likelihood(model, ctx_ids, cont_ids,
+  rng=seed)` up to float rounding.
   `is_greedy` (off by default, as the reference recommends) is the reference's
   check: revealing the continuation one most-confident token at a time, which
   is `generate` with steps = gen_length = block_length = len(continuation).
@@ -130,6 +132,9 @@ def parse_model_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     raise ValueError(f"model_args: dtype={out['dtype']!r} is not float32 or bfloat16")
   if out["mesh"] is not None:
     parse_mesh(out["mesh"])
+  if out["max_length"] is not None:
+    out["max_length"] = sampling.positive_int(
+        "max_length", convert_arg("max_length", out["max_length"], 0))
   return out, gen
 
 
@@ -181,8 +186,7 @@ class LLaDAEval(LM):
     self.tok = load_tokenizer(settings["tokenizer"] or settings["checkpoint"])
     self.model = checkpoint.load(settings["checkpoint"], dtype=settings["dtype"], mesh=mesh)
     cfg = self.model.config
-    self.max_length = convert_arg("max_length", settings["max_length"], 0) or \
-        cfg.max_sequence_length
+    self.max_length = settings["max_length"] or cfg.max_sequence_length
     if not 2 <= self.max_length <= cfg.max_sequence_length:
       raise ValueError(f"model_args: max_length={self.max_length} must lie in "
                        f"[2, max_sequence_length={cfg.max_sequence_length}]")
@@ -195,11 +199,11 @@ class LLaDAEval(LM):
   def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's rule: trailing spaces move to the continuation; the continuation's ids
     are those of context + continuation after the context's (no BOS, as the reference)."""
-    if not context:
-      return [self.prefix_id], self.tok.encode(continuation)
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
       context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    if not context:
+      return [self.prefix_id], self.tok.encode(continuation)
     context_ids = self.tok.encode(context)
     return context_ids, self.tok.encode(context + continuation)[len(context_ids):]
 
