@@ -57,7 +57,8 @@ def next_history(tokens: Sequence[int], eos_id: int) -> list[int]:
 def parse_settings(words: Sequence[str], settings: dict[str, Any]) -> dict[str, Any]:
   """`name=value` words -> a copy of `settings` with them changed (ValueError naming
   the bad word). Names are generate's sampler arguments plus seed."""
-  types = {**{k: type(v) for k, v in sample.SAMPLER_ARGS.items()}, "seed": int}
+  types = {**{k: sample.OPTIONAL_TYPES.get(k, type(v)) for k, v in sample.SAMPLER_ARGS.items()},
+           "seed": int}
   out = dict(settings)
   if not words:
     raise ValueError("expected name=value, e.g. /set steps=64")
@@ -71,6 +72,8 @@ def parse_settings(words: Sequence[str], settings: dict[str, Any]) -> dict[str, 
         if text.lower() not in ("true", "false", "1", "0", "on", "off", "yes", "no"):
           raise ValueError
         out[name] = text.lower() in ("true", "1", "on", "yes")
+      elif name in sample.OPTIONAL_TYPES and text.lower() == "none":
+        out[name] = None
       else:
         out[name] = kind(text)
     except ValueError:

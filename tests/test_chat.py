@@ -38,11 +38,16 @@ def test_parse_settings():
   assert (out["steps"], out["temperature"], out["logits_eos_inf"], out["seed"]) == (
       64, 0.5, True, 7)
   assert base["steps"] == 128  # a copy
+  fast = chat.parse_settings(["cache=dual", "threshold=0.9", "cache_refresh=4"], base)
+  assert (fast["cache"], fast["threshold"], fast["cache_refresh"]) == ("dual", 0.9, 4)
+  assert chat.parse_settings(["threshold=none"], fast)["threshold"] is None
   for words, message in ((["steps=x"], "steps: 'x' is not a valid int"),
                          (["foo=1"], "name one of"), (["steps"], "expected name=value"),
                          (["steps=3"], "multiple of the number of blocks"),
                          (["remasking=best"], "remasking"),
-                         (["logits_eos_inf=maybe"], "logits_eos_inf"), ([], "name=value")):
+                         (["logits_eos_inf=maybe"], "logits_eos_inf"), ([], "name=value"),
+                         (["threshold=high"], "threshold: 'high' is not a valid float"),
+                         (["cache=all"], "cache")):
     with pytest.raises(ValueError, match=re.escape(message)):
       chat.parse_settings(words, base)
 
