@@ -107,7 +107,7 @@ def test_terminal_session(fixture_dir):
     say("def f(x):", r"LLaDA: ", r"\[16 tokens in [\d.]+ s; history \d+/512 tokens; "
         r"prompt bucket 64; compiled [1-9]\d* programs")
     say("and g?", r"LLaDA: ", r"prompt bucket 64; compiled 0 programs")  # reused
-    say("/set steps=4 temperature=0.7", r"settings: .*steps=4 temperature=0.7")
+    say("/set steps=4 temperature=0.7", r"settings: .*steps=4 .*temperature=0.7")
     say("/set steps=3", r"error: steps: 3 is not a multiple")
     say("third turn", r"LLaDA: ", r"\[16 tokens")
     say("/set gen_length=512 block_length=512", r"gen_length=512")
