@@ -41,6 +41,7 @@ setup(
     extras_require=EXTRAS,
     entry_points={"console_scripts": [
         "llada-sample=llada_jax.sample:main",
+        "llada-chat=llada_jax.chat:main",
         "llada-tokenizer=llada_jax.tokenizer:main",
         "llada-hf-to-orbax=convert.hf_to_orbax:main",
         "llada-orbax-to-hf=convert.orbax_to_hf:main",

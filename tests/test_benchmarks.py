@@ -22,3 +22,12 @@ def test_sampling_benchmark_runs_both_samplers():
   assert r["same_tokens"]  # the reference-style loop and the compiled sampler agree
   assert r["loop_tokens_per_s"] > 0 and r["compiled_tokens_per_s"] > 0
   assert r["speedup"] == r["loop_seconds"] / r["compiled_seconds"]
+
+
+def test_chat_benchmark_counts_compilations(fixture_dir):
+  from benchmarks import chat  # pylint: disable=g-import-not-at-top
+  result = chat.run(fixture_dir, turns=3, max_sequence_length=512, gen_length=16, steps=8,
+                    block_length=8)
+  assert [r["bucket"] for r in result["per_turn"]] == [64, 64, 128]
+  assert result["sampler_compiles"] == 2  # one per bucket: turn 2 reuses turn 1's program
+  assert result["per_turn"][1]["compiles"] == 0
