@@ -35,3 +35,13 @@ def test_fast_sampling_task_is_split_by_construction(tmp_path):
   assert all(r["response"] == "".join(sorted(r["prompt"])) for r in split["test"])
   tok = fast_sampling.tokenizer_lib.load_tokenizer(paths["tokenizer"])
   assert tok.encode("0123") == [tok.encode(d)[0] for d in "0123"]  # one token per digit
+
+
+def test_chat_benchmark_counts_compilations(fixture_dir):
+  from benchmarks import chat  # pylint: disable=g-import-not-at-top
+  # A context no other test uses: a model config of its own, so nothing is compiled yet.
+  result = chat.run(fixture_dir, turns=3, max_sequence_length=1000, gen_length=16, steps=8,
+                    block_length=8)
+  assert [r["bucket"] for r in result["per_turn"]] == [64, 64, 128]
+  assert result["sampler_compiles"] == 2  # one per bucket: turn 2 reuses turn 1's program
+  assert result["per_turn"][1]["compiles"] == 0
