@@ -17,7 +17,9 @@ from __future__ import annotations
 from absl import app, flags
 
 from benchmarks import common
-from llada_jax import chat, checkpoint, sample
+from llada_jax.checkpoints import loading
+from llada_jax.frontends import chat
+from llada_jax.frontends import cli as sample
 from llada_jax.tokenizer import load_tokenizer
 
 FLAGS = flags.FLAGS
@@ -37,7 +39,7 @@ def _define_flags():
 
 
 def run(checkpoint_dir: str, turns: int, max_sequence_length: int, **settings) -> dict:
-  model = checkpoint.load(checkpoint_dir, max_sequence_length=max_sequence_length)
+  model = loading.load(checkpoint_dir, max_sequence_length=max_sequence_length)
   tok = load_tokenizer(checkpoint_dir)
   conv = chat.Conversation(model, tok, {**sample.SAMPLER_ARGS, "seed": 0,
                                         **chat.CHAT_DEFAULTS, **settings})

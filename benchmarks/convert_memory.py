@@ -25,10 +25,10 @@ import ml_dtypes
 import numpy as np
 
 from benchmarks import common
-from convert import staging
-from llada_jax import hf_checkpoint
+from llada_jax.checkpoints import hf as hf_checkpoint
 from llada_jax.config import ModelConfig
-from llada_jax.model import param_shapes
+from llada_jax.convert import staging
+from llada_jax.models.llada import param_shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,9 +93,9 @@ def main(argv=None) -> None:
     ckpt_bytes = write_synthetic_snapshot(cfg, hf_dir, args.max_shard_size)
     baseline = run_child(["-c", "import convert.hf_to_orbax, convert.orbax_to_hf"])
     runs = {
-        "hf_to_orbax": run_child(["-m", "convert.hf_to_orbax", "--hf_dir", hf_dir,
+        "hf_to_orbax": run_child(["-m", "llada_jax.convert.hf_to_orbax", "--hf_dir", hf_dir,
                                   "--output_dir", orbax_dir, "--no_progress"]),
-        "orbax_to_hf": run_child(["-m", "convert.orbax_to_hf", "--checkpoint", orbax_dir,
+        "orbax_to_hf": run_child(["-m", "llada_jax.convert.orbax_to_hf", "--checkpoint", orbax_dir,
                                   "--output_dir", back_dir, "--max_shard_size",
                                   args.max_shard_size, "--no_progress"]),
     }

@@ -21,9 +21,9 @@ from lm_eval.api.instance import Instance
 from pydoc_data import topics
 
 from benchmarks import common
-from llada_jax import evaluate
-from llada_jax import likelihood
-from llada_jax import sampling
+from llada_jax.frontends import evaluate
+from llada_jax.sampling import likelihood
+from llada_jax.sampling import sampler as sampling
 
 
 def make_requests(tok, n: int, seed: int = 0):

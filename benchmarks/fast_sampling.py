@@ -34,9 +34,9 @@ from absl import app, flags
 from benchmarks import common
 from configs import tiny
 import llada_jax
-from llada_jax import sample
 from llada_jax import tokenizer as tokenizer_lib
-from llada_jax import train as train_lib
+from llada_jax.frontends import cli as sample
+from llada_jax.training import train as train_lib
 
 FLAGS = flags.FLAGS
 GEN_LENGTH, BLOCK_LENGTH = 256, 32

@@ -15,8 +15,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import common
-from llada_jax import model as model_lib
 from llada_jax.config import ModelConfig
+from llada_jax.models import llada as model_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per forward.")

@@ -21,9 +21,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import common
-from llada_jax import model as model_lib
-from llada_jax import sampling
 from llada_jax.config import ModelConfig
+from llada_jax.models import llada as model_lib
+from llada_jax.sampling import sampler as sampling
 
 FLAGS = flags.FLAGS
 

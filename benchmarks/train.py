@@ -22,9 +22,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from llada_jax import flops as flops_lib  # noqa: E402
-from llada_jax import train  # noqa: E402
 from llada_jax.config import ModelConfig  # noqa: E402
+from llada_jax.training import flops as flops_lib  # noqa: E402
+from llada_jax.training import train  # noqa: E402
 
 # ~100M parameters: 12 layers of d_model 768 (85M) + a 32k vocabulary in and out (49M).
 MODEL_100M = dict(d_model=768, n_heads=12, n_kv_heads=12, n_layers=12, mlp_hidden_size=2048,

@@ -1,7 +1,1 @@
-"""Checkpoint conversion: HuggingFace LLaDA snapshots <-> Orbax parameter checkpoints.
-
-`python -m convert.hf_to_orbax --hf_dir DIR --output_dir DIR` and
-`python -m convert.orbax_to_hf --checkpoint DIR --output_dir DIR`; both stream
-one (stacked) parameter at a time and write to a temporary directory beside
-the output that is renamed into place only when everything is on disk.
-"""
+"""Alias of `llada_jax.convert` for `python -m convert.*` from a clone (not installed)."""

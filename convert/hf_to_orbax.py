@@ -1,73 +1,8 @@
-"""HuggingFace LLaDA snapshot -> converted Orbax checkpoint directory.
+"""`python -m convert.hf_to_orbax`: alias of `python -m llada_jax.convert.hf_to_orbax`."""
 
-    python -m convert.hf_to_orbax --hf_dir DIR --output_dir DIR [--dtype bfloat16|float32] [--overwrite]
-
-Reads sharded or single safetensors (or PyTorch `.bin` with torch installed),
-checks every tensor against config.json before reading data, and writes
-`config.json`, the tokenizer files and `params/` (Orbax) one stacked
-parameter at a time: peak memory is about twice the largest stacked tensor,
-whatever the model size.
-"""
-
-from __future__ import annotations
-
-import argparse
-import math
-import os
 import sys
 
-import numpy as np
-
-from llada_jax import checkpoint
-from llada_jax import hf_checkpoint
-from llada_jax.model import param_shapes
-from convert import staging
-
-
-def convert(hf_dir: str, output_dir: str, dtype: str | None = None,
-            overwrite: bool = False, progress: bool = True) -> dict:
-  """Converts; returns the summary (params, tensors, bytes, seconds, peak_rss_bytes)."""
-  if not os.path.isdir(hf_dir):
-    raise FileNotFoundError(f"{hf_dir}: no such directory")
-  cfg = checkpoint.read_config(hf_dir)
-  reader = hf_checkpoint.open_reader(hf_dir)
-  reader.check(cfg)
-  dtype = dtype or reader.source_dtype()
-  if dtype not in hf_checkpoint.NP_DTYPES:
-    raise ValueError(f"--dtype: {dtype!r} is not one of {sorted(hf_checkpoint.NP_DTYPES)}")
-  cfg = cfg.replace(param_dtype=dtype)
-  shapes = param_shapes(cfg)
-  itemsize = np.dtype(hf_checkpoint.NP_DTYPES[dtype]).itemsize
-  with staging.staged_output(output_dir, overwrite) as tmp:
-    checkpoint.write_config(tmp, cfg, dtype, hf_dir)
-    checkpoint.copy_tokenizer_files(hf_dir, tmp)
-    bar = staging.Progress(sum(math.prod(s) for s in shapes.values()) * itemsize,
-                           len(reader.shapes), "hf -> orbax", progress)
-    writer = checkpoint.ParamWriter(os.path.join(tmp, checkpoint.PARAMS_DIR))
-    for path, array in hf_checkpoint.read_params(reader, cfg, dtype):
-      writer.write(path, array)
-      bar.update(array.nbytes, cfg.n_layers if path.startswith("blocks/") else 1, array.size)
-      del array
-      staging.release_freed_memory()
-    writer.close()
-    summary = bar.close()
-  return summary
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="llada-hf-to-orbax", description=__doc__.split("\n")[0])
-  parser.add_argument("--hf_dir", required=True, help="HF LLaDA snapshot directory")
-  parser.add_argument("--output_dir", required=True, help="converted checkpoint directory")
-  parser.add_argument("--dtype", choices=sorted(hf_checkpoint.NP_DTYPES), default=None,
-                      help="parameter dtype on disk (default: the source's)")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace a checkpoint already in --output_dir")
-  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-  args = parser.parse_args(argv)
-  return staging.run_cli(parser.prog, args.output_dir, lambda: staging.summary_line(
-      f"wrote {args.output_dir}", convert(args.hf_dir, args.output_dir, args.dtype,
-                                          args.overwrite, not args.no_progress)))
-
+from llada_jax.convert.hf_to_orbax import main
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -1,75 +1,8 @@
-"""Orbax checkpoint (converted directory or training workdir) -> HuggingFace LLaDA snapshot.
+"""`python -m convert.orbax_to_hf`: alias of `python -m llada_jax.convert.orbax_to_hf`."""
 
-    python -m convert.orbax_to_hf --checkpoint DIR --output_dir DIR [--dtype bfloat16|float32]
-        [--max_shard_size 5GB] [--overwrite]
-
-Writes safetensors shards + `model.safetensors.index.json` with the released
-checkpoint's tensor names and shapes, `config.json` in the LLaDA format and
-the tokenizer files, so the official PyTorch modeling code loads the result.
-Parameters are restored one at a time and streamed into the shards.
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 
-from llada_jax import checkpoint
-from llada_jax import hf_checkpoint
-from convert import staging
-
-
-def convert(checkpoint_dir: str, output_dir: str, dtype: str | None = None,
-            max_shard_size: str | int = "5GB", overwrite: bool = False,
-            progress: bool = True) -> dict:
-  """Converts; returns the summary (params, tensors, bytes, seconds, peak_rss_bytes)."""
-  if not os.path.isdir(checkpoint_dir):
-    raise FileNotFoundError(f"{checkpoint_dir}: no such directory")
-  if checkpoint.model_dir_kind(checkpoint_dir) == "hf":
-    raise ValueError(f"{checkpoint_dir}: holds no Orbax checkpoint ({checkpoint.PARAMS_DIR}/ "
-                     f"or {checkpoint.CHECKPOINTS_DIR}/)")
-  hf_checkpoint.parse_size(max_shard_size)  # refuse a bad size before any work
-  cfg = checkpoint.read_config(checkpoint_dir)
-  params = checkpoint.OrbaxParams(checkpoint_dir)
-  params.check(cfg)
-  dtype = dtype or params.source_dtype()
-  if dtype not in hf_checkpoint.NP_DTYPES:
-    raise ValueError(f"--dtype: {dtype!r} is not one of {sorted(hf_checkpoint.NP_DTYPES)}")
-  shapes = hf_checkpoint.expected_hf_shapes(cfg)
-  with staging.staged_output(output_dir, overwrite) as tmp:
-    writer = hf_checkpoint.SafetensorsShardWriter(tmp, shapes, dtype, max_shard_size)
-    checkpoint.write_config(tmp, cfg, dtype, checkpoint_dir)
-    checkpoint.copy_tokenizer_files(checkpoint_dir, tmp)
-    bar = staging.Progress(writer.total_size, len(shapes), "orbax -> hf", progress)
-    for name, w in hf_checkpoint.hf_tensors(params, cfg):
-      writer.write(name, w)
-      bar.update(w.size * writer.np_dtype.itemsize, 1, w.size)
-      del w
-      staging.release_freed_memory()
-    writer.close()
-    summary = bar.close()
-  return summary
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="llada-orbax-to-hf", description=__doc__.split("\n")[0])
-  parser.add_argument("--checkpoint", required=True,
-                      help="converted checkpoint directory or training workdir")
-  parser.add_argument("--output_dir", required=True, help="HF snapshot directory to write")
-  parser.add_argument("--dtype", choices=sorted(hf_checkpoint.NP_DTYPES), default=None,
-                      help="tensor dtype on disk (default: the checkpoint's)")
-  parser.add_argument("--max_shard_size", default="5GB",
-                      help="largest safetensors shard, e.g. 5GB or 500MiB")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace a snapshot already in --output_dir")
-  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-  args = parser.parse_args(argv)
-  return staging.run_cli(parser.prog, args.output_dir, lambda: staging.summary_line(
-      f"wrote {args.output_dir}", convert(args.checkpoint, args.output_dir, args.dtype,
-                                          args.max_shard_size, args.overwrite,
-                                          not args.no_progress)))
-
+from llada_jax.convert.orbax_to_hf import main
 
 if __name__ == "__main__":
   sys.exit(main())

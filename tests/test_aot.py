@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 from configs import tiny
-from llada_jax import aot
+from llada_jax.training import aot
 
 
 def test_slice_names_map_to_topologies():

@@ -11,8 +11,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from llada_jax import app
-from llada_jax import sampling
+from llada_jax.frontends import app
+from llada_jax.sampling import sampler as sampling
 from llada_jax.tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

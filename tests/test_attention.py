@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from llada_jax import attention
+from llada_jax.layers import attention
 
 
 def _numpy_attention(q, k, v, mask):

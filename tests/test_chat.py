@@ -10,7 +10,8 @@ import pexpect
 import pytest
 
 import llada_jax
-from llada_jax import chat, sample
+from llada_jax.frontends import chat
+from llada_jax.frontends import cli as sample
 from llada_jax.tokenizer import load_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -13,18 +13,19 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import llada_jax
-from convert import hf_to_orbax
-from llada_jax import checkpoint
-from llada_jax import model as model_lib
 from llada_jax import sharding
+from llada_jax.checkpoints import layout
+from llada_jax.checkpoints import orbax as checkpoint
 from llada_jax.config import config_from_model_dir
+from llada_jax.convert import hf_to_orbax
+from llada_jax.models import llada as model_lib
 
 
 def _converted_dir(src_dir, dst, params):
   os.makedirs(dst)
-  checkpoint.write_config(dst, config_from_model_dir(src_dir), "float32", src_dir)
-  checkpoint.copy_tokenizer_files(src_dir, dst)
-  checkpoint.save_params(os.path.join(dst, checkpoint.PARAMS_DIR), params)
+  layout.write_config(dst, config_from_model_dir(src_dir), "float32", src_dir)
+  layout.copy_tokenizer_files(src_dir, dst)
+  checkpoint.save_params(os.path.join(dst, layout.PARAMS_DIR), params)
   return str(dst)
 
 
@@ -39,7 +40,7 @@ def converted(fixture_dir, tiny_params, tmp_path_factory):
 
 
 def test_converted_dir_loads_with_reference_logits(converted, reference):
-  assert checkpoint.model_dir_kind(converted) == "converted"
+  assert layout.model_dir_kind(converted) == "converted"
   assert sorted(os.listdir(converted)) == ["config.json", "params", "special_tokens_map.json",
                                            "tokenizer.json", "tokenizer_config.json"]
   model = llada_jax.load(converted)
@@ -88,16 +89,16 @@ def test_workdir_reads_the_newest_complete_step(fixture_dir, tiny_params, tmp_pa
   workdir = tmp_path / "workdir"
   os.makedirs(workdir)
   shutil.copy(f"{fixture_dir}/config.json", workdir)
-  checkpoint.copy_tokenizer_files(fixture_dir, workdir)
-  manager = ocp.CheckpointManager(workdir / checkpoint.CHECKPOINTS_DIR)
+  layout.copy_tokenizer_files(fixture_dir, workdir)
+  manager = ocp.CheckpointManager(workdir / layout.CHECKPOINTS_DIR)
   doubled = jax.tree.map(lambda x: np.asarray(x) * 2, tiny_params)
   _save_step(manager, 1, doubled)
   _save_step(manager, 2, jax.tree.map(np.asarray, tiny_params))
   manager.close()
   # An interrupted later save: Orbax's temp directory, never finalized.
   shutil.copytree(workdir / "checkpoints" / "1", workdir / "checkpoints" / "3.orbax-checkpoint-tmp-0")
-  assert checkpoint.model_dir_kind(str(workdir)) == "workdir"
-  assert checkpoint.latest_step_dir(str(workdir / "checkpoints")).endswith("/2")
+  assert layout.model_dir_kind(str(workdir)) == "workdir"
+  assert layout.latest_step_dir(str(workdir / "checkpoints")).endswith("/2")
   model = llada_jax.load(str(workdir))
   np.testing.assert_allclose(np.asarray(model(reference["logits_input_ids"])),
                              reference["logits"], atol=1e-4, rtol=0)
@@ -110,7 +111,7 @@ def test_workdir_reads_the_newest_complete_step(fixture_dir, tiny_params, tmp_pa
 
 def test_workdir_without_a_complete_step_is_named(fixture_dir, tmp_path):
   workdir = tmp_path / "workdir"
-  os.makedirs(workdir / checkpoint.CHECKPOINTS_DIR)
+  os.makedirs(workdir / layout.CHECKPOINTS_DIR)
   shutil.copy(f"{fixture_dir}/config.json", workdir)
   with pytest.raises(FileNotFoundError, match="no complete checkpoint step"):
     llada_jax.load(str(workdir))

@@ -12,9 +12,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import llada_jax
-from convert import hf_to_orbax, orbax_to_hf
-from llada_jax import checkpoint
-from llada_jax import hf_checkpoint
+from llada_jax.checkpoints import hf as hf_checkpoint
+from llada_jax.checkpoints import layout
+from llada_jax.checkpoints import orbax as checkpoint
+from llada_jax.convert import hf_to_orbax, orbax_to_hf
 
 PREFIX = "model.transformer."
 REFERENCE_CONFIG = pathlib.Path(__file__).parent / "fixtures" / "llada_8b_instruct" / "config.json"
@@ -109,7 +110,7 @@ def test_exported_config_has_the_released_keys(tmp_path):
   src.mkdir()
   shutil.copy(REFERENCE_CONFIG, src / "config.json")
   cfg = llada_jax.ModelConfig.from_hf(released)
-  checkpoint.write_config(str(tmp_path), cfg, "bfloat16", str(src))
+  layout.write_config(str(tmp_path), cfg, "bfloat16", str(src))
   ours = json.loads((tmp_path / "config.json").read_text())
   assert {k: ours[k] for k in released} == released
   assert set(ours) - set(released) <= {"bos_token_id", "eot_token_id"}  # ids SPEC §2 adds

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from llada_jax import data
+from llada_jax.training import data
 
 EOS, EOT, BOS, SH, EH = 2, 6, 1, 4, 5
 

@@ -16,7 +16,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 import llada_jax  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
-from llada_jax import evaluate  # noqa: E402
+from llada_jax.frontends import evaluate  # noqa: E402
 
 SMALL = dict(mc_num=4, mc_batch_size=2, steps=8, gen_length=8, block_length=8, seed=3)
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ import pytest
 from flax import nnx
 
 import llada_jax
-from llada_jax import decoding
-from llada_jax import kv_cache
-from llada_jax import sampling
+from llada_jax.sampling import decoding
+from llada_jax.sampling import kv_cache
+from llada_jax.sampling import sampler as sampling
 
 
 def _batch(model, rows=3, length=7, seed=0, pads=(0, 2, 4)):

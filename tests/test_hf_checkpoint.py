@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import llada_jax
-from llada_jax import hf_checkpoint
+from llada_jax.checkpoints import hf as hf_checkpoint
 from llada_jax.config import config_from_model_dir
 
 PREFIX = "model.transformer."

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import llada_jax
-from llada_jax import likelihood
 from llada_jax import sharding
+from llada_jax.sampling import likelihood
 
 
 def test_mask_counts_are_uniform_where_half_to_even_rounding_is_not():

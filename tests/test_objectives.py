@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llada_jax import objectives
+from llada_jax.training import objectives
 
 MASK_ID = 7
 

@@ -7,10 +7,10 @@ import optax
 import pytest
 from flax import nnx
 
-from llada_jax import model as model_lib
-from llada_jax import objectives
-from llada_jax import optimizer
 from llada_jax.config import ModelConfig
+from llada_jax.models import llada as model_lib
+from llada_jax.training import objectives
+from llada_jax.training import optimizer
 
 
 def test_wsd_schedule_shape():

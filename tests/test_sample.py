@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import llada_jax
-from llada_jax import sample
+from llada_jax.frontends import cli as sample
 from llada_jax.tokenizer import load_tokenizer
 
 FLAGS = ["--steps", "8", "--gen_length", "8", "--block_length", "4"]

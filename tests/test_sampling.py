@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 import llada_jax
-from llada_jax import sampling
 from llada_jax import sharding
+from llada_jax.sampling import sampler as sampling
 
 CASE_ARGS = ("steps", "gen_length", "block_length", "temperature", "cfg_scale", "remasking",
              "logits_eos_inf")

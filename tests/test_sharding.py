@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from llada_jax import model as model_lib
 from llada_jax import sharding
 from llada_jax.config import ModelConfig
+from llada_jax.models import llada as model_lib
 
 
 def test_make_mesh_fills_minus_one():

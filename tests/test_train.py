@@ -14,11 +14,11 @@ import pytest
 from jax.sharding import NamedSharding
 
 from configs import tiny
-from llada_jax import data as data_lib
-from llada_jax import model as model_lib
 from llada_jax import sharding
-from llada_jax import train
 from llada_jax.config import ModelConfig
+from llada_jax.models import llada as model_lib
+from llada_jax.training import data as data_lib
+from llada_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = dict(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64,
@@ -197,7 +197,7 @@ def test_fine_tune_from_hf_fixture_then_load_and_sample_the_workdir(fixture_dir,
                                                                      capsys):
   """init_from an HF snapshot -> a workdir every consumer reads (load, sample CLI)."""
   import llada_jax  # the public API, as a user calls it
-  from llada_jax import sample
+  from llada_jax.frontends import cli as sample
 
   workdir = str(tmp_path / "ft")
   cfg = _config(init_from=fixture_dir, total_steps=6, seq_len=32, log_every=3,

@@ -20,21 +20,17 @@ from typing import Any
 import grain
 import orbax.checkpoint as ocp
 
-from llada_jax import checkpoint as checkpoint_lib
+from llada_jax.checkpoints import layout
 from llada_jax.config import ModelConfig
 
-ITEMS = (checkpoint_lib.PARAMS_ITEM, "opt_state", "data", "meta")
-
-
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), checkpoint_lib.CHECKPOINTS_DIR)
+ITEMS = layout.WORKDIR_ITEMS
 
 
 def manager(workdir: str, every_steps: int, keep: int) -> ocp.CheckpointManager:
   """Async CheckpointManager: saves every `every_steps`, keeps the newest `keep`."""
   options = ocp.CheckpointManagerOptions(save_interval_steps=every_steps, max_to_keep=keep,
                                          enable_async_checkpointing=True, create=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+  return ocp.CheckpointManager(layout.checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
 class IteratorSnapshot:
@@ -74,11 +70,11 @@ def write_model_files(workdir: str, model_cfg: ModelConfig, tokenizer_dir: str |
                       train_config_json: str) -> None:
   """config.json, tokenizer files and the training config at the top of the workdir."""
   os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, checkpoint_lib.CONFIG_FILE), model_cfg.to_hf())
-  with open(os.path.join(workdir, "train_config.json"), "w") as f:
+  _write_json(os.path.join(workdir, layout.CONFIG_FILE), model_cfg.to_hf())
+  with open(os.path.join(workdir, layout.TRAIN_CONFIG_FILE), "w") as f:
     f.write(train_config_json)
   if tokenizer_dir and os.path.abspath(tokenizer_dir) != os.path.abspath(workdir):
-    checkpoint_lib.copy_tokenizer_files(tokenizer_dir, workdir)
+    layout.copy_tokenizer_files(tokenizer_dir, workdir)
 
 
 def _write_json(path: str, obj: Any) -> None:

@@ -1,8 +1,9 @@
-"""HuggingFace LLaDA checkpoints: the one name/layout table, and safetensors I/O.
+"""HuggingFace LLaDA checkpoints: the mapping derived from the param table, and safetensors I/O.
 
-`TENSOR_MAP` maps each Flax parameter to its PyTorch state-dict name(s) and
-says how the layout differs. Both directions (HF -> Flax when loading or
-converting, Flax -> HF when exporting) are derived from it:
+The model family's parameter table (`models/llada.py` `PARAMS`, entries
+`layers.params.ParamSpec`) gives each Flax parameter its PyTorch state-dict
+name and says how the layout differs. Both directions (HF -> Flax when
+loading or converting, Flax -> HF when exporting) are derived from it:
 
   * torch Linear weights are [out, in]; Flax kernels are [in..., out...] with
     the head axes split out (q: [D, N, H], attn_out: [N, H, D]);
@@ -24,76 +25,18 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 for numpy; safetensors needs
 import numpy as np
 
 from llada_jax.config import ModelConfig
-from llada_jax.model import param_shapes
+from llada_jax.layers.params import ParamSpec
+from llada_jax.models import llada
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-  """One Flax parameter <-> HF tensor(s).
-
-  `param`: the Flax path ("blocks/q_proj"); `hf`: the state-dict name, with
-  `{i}` for the layer of a stacked parameter; `linear_in_dims`: 0 for a tensor
-  stored as is, else the number of leading Flax axes that form the torch
-  Linear's `in` dimension (the rest form `out`).
-  """
-  param: str
-  hf: str
-  linear_in_dims: int = 0
-
-  @property
-  def stacked(self) -> bool:
-    return "{i}" in self.hf
-
-  def hf_name(self, layer: int | None = None) -> str:
-    return self.hf.format(i=layer) if self.stacked else self.hf
-
-  def hf_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of one HF tensor given the (per-layer) Flax shape."""
-    if not self.linear_in_dims:
-      return tuple(flax_shape)
-    n = self.linear_in_dims
-    return (math.prod(flax_shape[n:]), math.prod(flax_shape[:n]))
-
-  def to_flax(self, w: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
-    """HF tensor -> Flax (per-layer) layout."""
-    if not self.linear_in_dims:
-      return w.reshape(flax_shape)
-    return w.T.reshape(flax_shape)
-
-  def to_hf(self, w: np.ndarray) -> np.ndarray:
-    """Flax (per-layer) array -> HF tensor (contiguous)."""
-    if not self.linear_in_dims:
-      return np.ascontiguousarray(w)
-    n = self.linear_in_dims
-    in_size, out_size = math.prod(w.shape[:n]), math.prod(w.shape[n:])
-    return np.ascontiguousarray(w.reshape(in_size, out_size).T)
-
-
-_PREFIX = "model.transformer."
-TENSOR_MAP: tuple[TensorMap, ...] = (
-    TensorMap("wte", _PREFIX + "wte.weight"),
-    TensorMap("blocks/attn_norm", _PREFIX + "blocks.{i}.attn_norm.weight"),
-    TensorMap("blocks/q_proj", _PREFIX + "blocks.{i}.q_proj.weight", 1),
-    TensorMap("blocks/k_proj", _PREFIX + "blocks.{i}.k_proj.weight", 1),
-    TensorMap("blocks/v_proj", _PREFIX + "blocks.{i}.v_proj.weight", 1),
-    TensorMap("blocks/attn_out", _PREFIX + "blocks.{i}.attn_out.weight", 2),
-    TensorMap("blocks/ff_norm", _PREFIX + "blocks.{i}.ff_norm.weight"),
-    TensorMap("blocks/ff_proj", _PREFIX + "blocks.{i}.ff_proj.weight", 1),
-    TensorMap("blocks/up_proj", _PREFIX + "blocks.{i}.up_proj.weight", 1),
-    TensorMap("blocks/ff_out", _PREFIX + "blocks.{i}.ff_out.weight", 1),
-    TensorMap("ln_f", _PREFIX + "ln_f.weight"),
-    TensorMap("ff_out", _PREFIX + "ff_out.weight", 1),
-)
-
-
-def tensor_maps(cfg: ModelConfig) -> list[tuple[TensorMap, tuple[int, ...]]]:
-  """(entry, full Flax shape) for every parameter this config has."""
-  shapes = param_shapes(cfg)
-  return [(m, shapes[m.param]) for m in TENSOR_MAP if m.param in shapes]
+def tensor_maps(cfg: ModelConfig) -> list[tuple[ParamSpec, tuple[int, ...]]]:
+  """(table entry, full Flax shape) for every parameter this config has."""
+  sizes = llada.dim_sizes(cfg)
+  return [(spec, spec.shape(sizes)) for spec in llada.param_specs(cfg)]
 
 
 def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -440,10 +383,10 @@ def read_params(reader, cfg: ModelConfig, dtype: str | None = None
           buf = np.empty(shape, np_dtype or w.dtype)
         buf[i] = w
         del w
-      yield m.param, buf
+      yield m.path, buf
     else:
       buf = m.to_flax(reader.get(m.hf_name()), shape)
-      yield m.param, buf if np_dtype is None else buf.astype(np_dtype, copy=False)
+      yield m.path, buf if np_dtype is None else buf.astype(np_dtype, copy=False)
     del buf
 
 
@@ -455,7 +398,7 @@ def hf_tensors(params: dict[str, np.ndarray], cfg: ModelConfig
   lookup); the names come in `expected_hf_shapes(cfg)` order.
   """
   for m, _ in tensor_maps(cfg):
-    w = params[m.param]
+    w = params[m.path]
     if m.stacked:
       for i in range(w.shape[0]):
         yield m.hf_name(i), m.to_hf(np.asarray(w[i]))

@@ -26,7 +26,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from llada_jax.model import DTYPES, KVCache
+from llada_jax.layers.attention import KVCache
+from llada_jax.models.llada import DTYPES
 
 CACHES = ("none", "prefix", "dual")
 MAX_PREFIX_WINDOWS = 4

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llada_jax import sampling
+from llada_jax.sampling import sampler as sampling
 
 # At most this many rows (pairs x batch_size) per forward; more pairs run in chunks.
 MAX_ROWS_PER_FORWARD = 64

@@ -13,16 +13,21 @@ The module knows logical axis names only; `sharding.py` maps them to a mesh.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from llada_jax import attention as attention_lib
 from llada_jax import sharding
 from llada_jax.config import ModelConfig
+from llada_jax.layers import attention as attention_lib
+from llada_jax.layers.attention import KVCache
+from llada_jax.layers.mlp import swiglu
+from llada_jax.layers.norms import rms_norm
+from llada_jax.layers.params import ParamSpec, make_param
+from llada_jax.layers.rope import apply_rope, rope_tables
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -34,96 +39,57 @@ REMAT_POLICIES = {
     "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
+_HF = "model.transformer."
+# The one parameter table (docs/spec.md §1-2): shapes, logical axes, init and HF names.
+PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("wte", "VD", ("vocab", "embed"), "embed", _HF + "wte.weight"),
+    ParamSpec("blocks/attn_norm", "D", ("embed",), "ones", _HF + "blocks.{i}.attn_norm.weight"),
+    ParamSpec("blocks/q_proj", "DNH", ("embed", "heads", "head_dim"), "normal",
+              _HF + "blocks.{i}.q_proj.weight", 1, "D"),
+    ParamSpec("blocks/k_proj", "DKH", ("embed", "kv_heads", "head_dim"), "normal",
+              _HF + "blocks.{i}.k_proj.weight", 1, "D"),
+    ParamSpec("blocks/v_proj", "DKH", ("embed", "kv_heads", "head_dim"), "normal",
+              _HF + "blocks.{i}.v_proj.weight", 1, "D"),
+    ParamSpec("blocks/attn_out", "NHD", ("heads", "head_dim", "embed"), "normal",
+              _HF + "blocks.{i}.attn_out.weight", 2, "D"),
+    ParamSpec("blocks/ff_norm", "D", ("embed",), "ones", _HF + "blocks.{i}.ff_norm.weight"),
+    ParamSpec("blocks/ff_proj", "DF", ("embed", "mlp"), "normal",
+              _HF + "blocks.{i}.ff_proj.weight", 1, "D"),
+    ParamSpec("blocks/up_proj", "DF", ("embed", "mlp"), "normal",
+              _HF + "blocks.{i}.up_proj.weight", 1, "D"),
+    ParamSpec("blocks/ff_out", "FD", ("mlp", "embed"), "normal",
+              _HF + "blocks.{i}.ff_out.weight", 1, "F"),
+    ParamSpec("ln_f", "D", ("embed",), "ones", _HF + "ln_f.weight"),
+    ParamSpec("ff_out", "DV", ("embed", "vocab"), "normal", _HF + "ff_out.weight", 1, "D",
+              present=lambda cfg: not cfg.weight_tying),
+)
 # Logical axis names of every parameter (per layer; scanned ones get `layers` first).
-PARAM_AXES = {
-    "wte": ("vocab", "embed"),
-    "ln_f": ("embed",),
-    "ff_out": ("embed", "vocab"),
-    "blocks/attn_norm": ("embed",),
-    "blocks/q_proj": ("embed", "heads", "head_dim"),
-    "blocks/k_proj": ("embed", "kv_heads", "head_dim"),
-    "blocks/v_proj": ("embed", "kv_heads", "head_dim"),
-    "blocks/attn_out": ("heads", "head_dim", "embed"),
-    "blocks/ff_norm": ("embed",),
-    "blocks/ff_proj": ("embed", "mlp"),
-    "blocks/up_proj": ("embed", "mlp"),
-    "blocks/ff_out": ("mlp", "embed"),
-}
+PARAM_AXES = {spec.path: spec.axes for spec in PARAMS}
+
+
+def dim_sizes(cfg: ModelConfig) -> dict[str, int]:
+  """Size of each dimension letter used in `PARAMS`."""
+  return {"D": cfg.d_model, "N": cfg.n_heads, "K": cfg.n_kv_heads, "H": cfg.head_dim,
+          "F": cfg.mlp_hidden_size, "V": cfg.embedding_size, "Y": cfg.n_layers}
+
+
+def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
+  """The table entries this config has (no `ff_out` head when weights are tied)."""
+  return [spec for spec in PARAMS if spec.present(cfg)]
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """Shape of every parameter, keyed like PARAM_AXES (block ones with `layers`)."""
-  D, N, K, H, F, V, Y = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                         cfg.mlp_hidden_size, cfg.embedding_size, cfg.n_layers)
-  shapes = {
-      "wte": (V, D), "ln_f": (D,), "ff_out": (D, V),
-      "blocks/attn_norm": (Y, D), "blocks/q_proj": (Y, D, N, H),
-      "blocks/k_proj": (Y, D, K, H), "blocks/v_proj": (Y, D, K, H),
-      "blocks/attn_out": (Y, N, H, D), "blocks/ff_norm": (Y, D),
-      "blocks/ff_proj": (Y, D, F), "blocks/up_proj": (Y, D, F), "blocks/ff_out": (Y, F, D),
-  }
-  if cfg.weight_tying:
-    del shapes["ff_out"]
-  return shapes
-
-
-def _param(rngs: nnx.Rngs, kind: str, shape, names, dtype, fan_in: int = 1) -> nnx.Param:
-  if kind == "ones":
-    value = jnp.ones(shape, dtype)
-  else:  # truncated normal scaled by fan-in (std 0.02 for embeddings)
-    std = 0.02 if kind == "embed" else fan_in ** -0.5
-    value = std * jax.random.truncated_normal(rngs.params(), -3.0, 3.0, shape, jnp.float32)
-    value = value.astype(dtype)
-  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+  """Shape of every parameter, keyed by path (block ones with the leading `layers` axis)."""
+  sizes = dim_sizes(cfg)
+  return {spec.path: spec.shape(sizes) for spec in param_specs(cfg)}
 
 
 class Blocks(nnx.Module):
   """All Transformer layers' weights, stacked on a leading `layers` axis."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    dtype = DTYPES[cfg.param_dtype]
-    shapes = param_shapes(cfg)
-    fan_in = {"q_proj": cfg.d_model, "k_proj": cfg.d_model, "v_proj": cfg.d_model,
-              "attn_out": cfg.d_model, "ff_proj": cfg.d_model, "up_proj": cfg.d_model,
-              "ff_out": cfg.mlp_hidden_size}
-    for name in ("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out",
-                 "ff_norm", "ff_proj", "up_proj", "ff_out"):
-      key = f"blocks/{name}"
-      kind = "ones" if name.endswith("norm") else "normal"
-      setattr(self, name, _param(rngs, kind, shapes[key], ("layers",) + PARAM_AXES[key],
-                                 dtype, fan_in.get(name, 1)))
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-  """x * rsqrt(mean(x²) + eps) with statistics in float32, then * weight."""
-  x32 = x.astype(jnp.float32)
-  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return normed.astype(x.dtype) * weight.astype(x.dtype)
-
-
-def rope_tables(length: int, head_dim: int, theta: float, start=0
-                ) -> tuple[jax.Array, jax.Array]:
-  """float32 (sin, cos) [L, H] of positions start…start+L−1, half-split layout."""
-  inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  pos_L = (start + jnp.arange(length)).astype(jnp.float32)
-  angles_LH2 = pos_L[:, None] * inv_freq_H2[None, :]
-  angles_LH = jnp.concatenate([angles_LH2, angles_LH2], axis=-1)
-  return jnp.sin(angles_LH), jnp.cos(angles_LH)
-
-
-def apply_rope(x_BLNH: jax.Array, sin_LH: jax.Array, cos_LH: jax.Array) -> jax.Array:
-  """Half-split ("rotate_half") rotary embedding, computed in float32."""
-  x = x_BLNH.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  out = x * cos_LH[None, :, None, :] + rotated * sin_LH[None, :, None, :]
-  return out.astype(x_BLNH.dtype)
-
-
-class KVCache(NamedTuple):
-  """Keys (after RoPE) and values of every layer and position: [Y, B, S, K, H]."""
-  k_YBSKH: jax.Array
-  v_YBSKH: jax.Array
+  def __init__(self, params: dict[str, nnx.Param]):
+    for path, param in params.items():
+      setattr(self, path.removeprefix("blocks/"), param)
 
 
 def block_forward(p: dict[str, jax.Array], x_BWD: jax.Array, mask_BS: jax.Array | None,
@@ -162,10 +128,7 @@ def block_forward(p: dict[str, jax.Array], x_BWD: jax.Array, mask_BS: jax.Array 
   h_BWD = x_BWD + jnp.einsum("bwnh,nhd->bwd", att_BWNH, p["attn_out"].astype(dt))
   h_BWD = constrain(h_BWD, ("batch", "length", "embed"))
   n2_BWD = rms_norm(h_BWD, p["ff_norm"], cfg.rms_norm_eps)
-  gate_BWF = jnp.einsum("bwd,df->bwf", n2_BWD, p["ff_proj"].astype(dt))
-  up_BWF = jnp.einsum("bwd,df->bwf", n2_BWD, p["up_proj"].astype(dt))
-  act_BWF = constrain(jax.nn.silu(gate_BWF) * up_BWF, ("batch", "length", "mlp"))
-  y_BWD = h_BWD + jnp.einsum("bwf,fd->bwd", act_BWF, p["ff_out"].astype(dt))
+  y_BWD = h_BWD + swiglu(n2_BWD, p["ff_proj"], p["up_proj"], p["ff_out"], constrain)
   return constrain(y_BWD, ("batch", "length", "embed")), (k_BSKH, v_BSKH)
 
 
@@ -181,14 +144,12 @@ class Transformer(nnx.Module):
     self.config = cfg
     self.mesh = mesh
     self.rules = tuple(rules) if rules is not None else None
-    dtype = DTYPES[cfg.param_dtype]
-    shapes = param_shapes(cfg)
-    self.wte = _param(rngs, "embed", shapes["wte"], PARAM_AXES["wte"], dtype)
-    self.blocks = Blocks(cfg, rngs)
-    self.ln_f = _param(rngs, "ones", shapes["ln_f"], PARAM_AXES["ln_f"], dtype)
-    if not cfg.weight_tying:
-      self.ff_out = _param(rngs, "normal", shapes["ff_out"], PARAM_AXES["ff_out"], dtype,
-                           cfg.d_model)
+    dtype, sizes = DTYPES[cfg.param_dtype], dim_sizes(cfg)
+    made = {spec.path: make_param(spec, sizes, rngs, dtype) for spec in param_specs(cfg)}
+    self.blocks = Blocks({k: v for k, v in made.items() if k.startswith("blocks/")})
+    for path, param in made.items():
+      if "/" not in path:
+        setattr(self, path, param)
 
   def _constrain(self, x, names):
     return sharding.constrain(x, names, self.rules, self.mesh)

@@ -37,10 +37,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from llada_jax import decoding
-from llada_jax import kv_cache
 from llada_jax import sharding
-from llada_jax.decoding import step_counts, topk_mask  # pylint: disable=unused-import
+from llada_jax.sampling import decoding
+from llada_jax.sampling import kv_cache
+from llada_jax.sampling.decoding import step_counts, topk_mask  # pylint: disable=unused-import
 
 REMASKING = ("low_confidence", "random")
 

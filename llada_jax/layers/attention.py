@@ -8,9 +8,16 @@ j·G … j·G+G−1 (grouped, as torch `repeat_interleave`).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+
+class KVCache(NamedTuple):
+  """Keys (after RoPE) and values of every layer and position: [Y, B, S, K, H]."""
+  k_YBSKH: jax.Array
+  v_YBSKH: jax.Array
 
 
 def xla_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,

@@ -1,0 +1,115 @@
+"""The three kinds of model directory and where things are in them (one owner of the layout).
+
+  HF snapshot   config.json, tokenizer files, safetensors shards (+ index) or
+                PyTorch `.bin` files;
+  converted     config.json, tokenizer files, `params/` (an Orbax checkpoint of
+                the parameter pytree `nnx.to_pure_dict(nnx.split(model)[1])`);
+  workdir       config.json, tokenizer files, train_config.json,
+                `checkpoints/<step>/{params,opt_state,data,meta}` (an Orbax
+                CheckpointManager directory), metrics.jsonl, tensorboard/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import orbax.checkpoint as ocp
+
+from llada_jax.config import ModelConfig, config_from_model_dir
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"  # converted directory: the Orbax param checkpoint
+CHECKPOINTS_DIR = "checkpoints"  # workdir: the CheckpointManager directory
+PARAMS_ITEM = "params"  # CheckpointManager item holding the param pytree
+# Items of a workdir checkpoint step: params, optimiser state, grain iterator states, json meta.
+WORKDIR_ITEMS = (PARAMS_ITEM, "opt_state", "data", "meta")
+TRAIN_CONFIG_FILE = "train_config.json"  # workdir: the full training config
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")
+PYTREE_METADATA = "_METADATA"  # Orbax's pytree metadata file
+
+
+def model_dir_kind(path: str) -> str:
+  """"hf" | "converted" | "workdir" for a model directory."""
+  if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+    return "converted"
+  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+    return "workdir"
+  return "hf"
+
+
+def read_config(path: str, **overrides) -> ModelConfig:
+  """`config_from_model_dir`, with errors naming the directory's config.json."""
+  try:
+    return config_from_model_dir(path, **overrides)
+  except ValueError as e:
+    msg = str(e)
+    if msg.startswith(CONFIG_FILE):
+      msg = os.path.join(path, msg)
+    raise ValueError(msg) from e
+
+
+def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
+  """Copies the tokenizer (and generation config) files `src_dir` has; returns names."""
+  copied = []
+  for name in TOKENIZER_FILES:
+    if os.path.exists(os.path.join(src_dir, name)):
+      shutil.copyfile(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+      copied.append(name)
+  return copied
+
+
+def write_config(dst_dir: str, cfg: ModelConfig, torch_dtype: str, source_dir: str) -> None:
+  """Writes `config.json`: `cfg.to_hf()`, keeping `source_dir`'s values for keys
+  that are no ModelConfig field (`_name_or_path`, `init_device`...), so they
+  survive a conversion unchanged.
+  """
+  with open(os.path.join(source_dir, CONFIG_FILE)) as f:
+    hf = json.load(f)
+  fields = {f.name for f in dataclasses.fields(ModelConfig)} | {"torch_dtype"}
+  for key, value in cfg.to_hf(torch_dtype=torch_dtype).items():
+    if key in fields or key not in hf:
+      hf[key] = value
+  with open(os.path.join(dst_dir, CONFIG_FILE), "w") as f:
+    json.dump(dict(sorted(hf.items())), f, indent=2)
+    f.write("\n")
+
+
+def latest_step_dir(checkpoints_dir: str) -> str:
+  """The newest complete step directory of a CheckpointManager directory."""
+  manager = ocp.CheckpointManager(
+      os.path.abspath(checkpoints_dir), options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  manager.close()
+  if step is None:
+    raise FileNotFoundError(f"{checkpoints_dir}: no complete checkpoint step")
+  return str(ocp.step.find_step_path(checkpoints_dir, ocp.step.standard_name_format(),
+                                     step=step))
+
+
+def params_pytree_dir(path: str) -> str:
+  """The Orbax pytree directory of the parameters under `path`.
+
+  `path` may be a converted or workdir model directory, its `params/`, a
+  CheckpointManager step directory, or the pytree directory itself. The result
+  is absolute (Orbax refuses relative paths).
+  """
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(os.path.join(path, PYTREE_METADATA)):
+    return path
+  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+    return params_pytree_dir(latest_step_dir(os.path.join(path, CHECKPOINTS_DIR)))
+  # converted `params/` (v1 layout: the pytree sits in `state/`) or a step's item.
+  for sub in (PARAMS_DIR, "state", "pytree"):
+    if os.path.isdir(os.path.join(path, sub)):
+      return params_pytree_dir(os.path.join(path, sub))
+  raise FileNotFoundError(f"{path}: no Orbax parameter checkpoint ({PARAMS_DIR}/ or "
+                          f"{CHECKPOINTS_DIR}/ with a complete step)")
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """The CheckpointManager directory of a workdir (absolute: Orbax wants absolute paths)."""
+  return os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)

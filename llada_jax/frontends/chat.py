@@ -1,0 +1,249 @@
+"""Multi-turn chat in the terminal, as the reference chat.py (SPEC §6).
+
+  python -m llada_jax.chat --checkpoint DIR [--tokenizer DIR] [sampler flags]
+
+Each user turn is rendered with the chat template; later turns drop their
+leading BOS and are appended to the history, which is the previous prompt plus
+answer with every EOS removed (EoT kept). Chat defaults as the reference:
+gen_length = steps = 128, block_length 32; the sampler flags of
+`llada_jax.sample` (`add_sampler_flags`) change them, and so does `/set` between
+turns. Commands: /set name=value ..., /settings, /reset, /quit, /help.
+
+The prompt is left-padded (with an attention mask) to a bucket length — the
+next power of two, at least 64, capped at max_sequence_length - gen_length — so
+a growing history reuses the sampler compiled for its bucket instead of
+compiling a new program every turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from jax import monitoring
+
+from llada_jax.checkpoints import loading
+from llada_jax.frontends import cli as sample
+from llada_jax.sampling import sampler as sampling
+from llada_jax.tokenizer import Tokenizer, load_tokenizer
+
+CHAT_DEFAULTS = {"gen_length": 128, "steps": 128, "block_length": 32}
+MIN_BUCKET = 64
+HELP = """commands:
+  /set name=value ...  change sampler settings (e.g. /set steps=64 temperature=0.5)
+  /settings            show the sampler settings
+  /reset               forget the conversation
+  /quit                leave (also Ctrl-D)"""
+
+
+def bucket_length(n: int, limit: int, min_bucket: int = MIN_BUCKET) -> int:
+  """Padded prompt length for n tokens: the next power of two >= max(n, min_bucket),
+  capped at `limit` (the longest prompt the context allows; n <= limit)."""
+  if n > limit:
+    raise ValueError(f"prompt length {n} exceeds the limit {limit}")
+  return min(1 << (max(n, min_bucket) - 1).bit_length(), limit)
+
+
+def next_history(tokens: Sequence[int], eos_id: int) -> list[int]:
+  """The reference's history update: prompt + answer with every EOS removed (EoT kept)."""
+  return [int(t) for t in tokens if t != eos_id]
+
+
+def parse_settings(words: Sequence[str], settings: dict[str, Any]) -> dict[str, Any]:
+  """`name=value` words -> a copy of `settings` with them changed (ValueError naming
+  the bad word). Names are generate's sampler arguments plus seed."""
+  types = {**{k: sample.OPTIONAL_TYPES.get(k, type(v)) for k, v in sample.SAMPLER_ARGS.items()},
+           "seed": int}
+  out = dict(settings)
+  if not words:
+    raise ValueError("expected name=value, e.g. /set steps=64")
+  for word in words:
+    name, sep, text = word.partition("=")
+    if not sep or name not in types:
+      raise ValueError(f"{word!r}: expected name=value with name one of {', '.join(sorted(types))}")
+    kind = types[name]
+    try:
+      if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "on", "off", "yes", "no"):
+          raise ValueError
+        out[name] = text.lower() in ("true", "1", "on", "yes")
+      elif name in sample.OPTIONAL_TYPES and text.lower() == "none":
+        out[name] = None
+      else:
+        out[name] = kind(text)
+    except ValueError:
+      raise ValueError(f"{name}: {text!r} is not a valid {kind.__name__}") from None
+  sample._check(out)  # pylint: disable=protected-access
+  return out
+
+
+@contextlib.contextmanager
+def count_compiles() -> Iterator[list[tuple[str, float]]]:
+  """Records the XLA compilations inside the block: yields a list that fills with
+  (function name, compile seconds) per compiled program."""
+  programs: list[tuple[str, float]] = []
+
+  def listener(name: str, secs: float, fun_name: str = "?", **_):
+    if name == "/jax/core/compile/backend_compile_duration":
+      programs.append((fun_name, secs))
+
+  monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield programs
+  finally:
+    monitoring.unregister_event_duration_listener(listener)
+
+
+@dataclasses.dataclass
+class Reply:
+  text: str
+  new_tokens: int
+  prompt_length: int  # tokens of the prompt this turn (the history + the new turn)
+  bucket: int  # the padded prompt length it ran at
+  seconds: float
+  compiles: list[tuple[str, float]]  # XLA programs compiled this turn (name, seconds)
+  tokens_G: np.ndarray  # int32 [gen_length], the answer's ids
+  trace: sampling.Trace | None = None  # with trace=True: of the answer only, numpy,
+  #   canvas_SBL [steps, 1, gen_length], confidence_BL / step_BL [1, gen_length]
+
+
+class Conversation:
+  """The chat state: token history, sampler settings and the turn counter."""
+
+  def __init__(self, model, tok: Tokenizer, settings: dict[str, Any]):
+    self.model, self.tok, self.settings = model, tok, dict(settings)
+    self.cfg = model.config
+    self.history: list[int] = []
+    self.turns = 0
+
+  def reset(self) -> None:
+    self.history, self.turns = [], 0
+
+  def prompt_for(self, message: str) -> list[int]:
+    """History + this turn's templated ids (its BOS dropped after the first turn)."""
+    ids = self.tok.apply_chat_template([{"role": "user", "content": message}])
+    return ids if not self.history else self.history + ids[1:]
+
+  def reply(self, message: str, trace: bool = False,
+            constraints: dict[int, int] | None = None) -> Reply:
+    """Runs one turn (with generate's `trace` and `constraints`). ValueError (history
+    unchanged) when the prompt plus gen_length does not fit the model's context."""
+    prompt = self.prompt_for(message)
+    settings = dict(self.settings)
+    seed, gen_length = settings.pop("seed"), settings["gen_length"]
+    limit = self.cfg.max_sequence_length - gen_length
+    if len(prompt) > limit:
+      raise ValueError(
+          f"the conversation is too long: {len(prompt)} prompt tokens + gen_length "
+          f"{gen_length} exceed the model's context of {self.cfg.max_sequence_length} "
+          f"tokens. /reset to start over, or /set a smaller gen_length.")
+    bucket = bucket_length(len(prompt), limit)
+    ids, _ = sample.left_pad([prompt], bucket, self.cfg.pad_token_id)
+    mask = (np.arange(bucket) >= bucket - len(prompt)).astype(np.int32)[None]
+    rng = jax.random.fold_in(jax.random.key(seed), self.turns)
+    start = time.perf_counter()
+    with count_compiles() as compiles:
+      out = sampling.generate(self.model, ids, mask, rng=rng, trace=trace,
+                              constraints=constraints, **settings)
+      tr = None
+      if trace:
+        out, tr = out
+        tr = sampling.Trace(*(np.asarray(a)[..., bucket:] for a in tr))
+      out = np.asarray(out)[0]
+    seconds = time.perf_counter() - start
+    answer = out[bucket:]
+    self.history = next_history(list(prompt) + answer.tolist(), self.cfg.eos_token_id)
+    self.turns += 1
+    return Reply(self.tok.decode(answer), len(answer), len(prompt), bucket, seconds, compiles,
+                 answer, tr)
+
+
+def _show_settings(settings: dict[str, Any]) -> str:
+  return " ".join(f"{k}={v}" for k, v in sorted(settings.items()))
+
+
+def run(conv: Conversation, read=input, write=print) -> None:
+  """The read-reply loop until /quit or end of input."""
+  write(f"LLaDA chat ({conv.cfg.max_sequence_length}-token context). /help for commands.")
+  write(f"settings: {_show_settings(conv.settings)}")
+  while True:
+    try:
+      line = read("You: ").strip()
+    except (EOFError, KeyboardInterrupt):
+      write("")
+      return
+    if not line:
+      continue
+    command, *words = line.split()
+    if command == "/quit":
+      return
+    if command == "/reset":
+      conv.reset()
+      write("(conversation reset)")
+    elif command == "/settings":
+      write(f"settings: {_show_settings(conv.settings)}")
+    elif command == "/help":
+      write(HELP)
+    elif command == "/set":
+      try:
+        conv.settings = parse_settings(words, conv.settings)
+        write(f"settings: {_show_settings(conv.settings)}")
+      except ValueError as e:
+        write(f"error: {e}")
+    elif command.startswith("/"):
+      write(f"error: unknown command {command}\n{HELP}")
+    else:
+      try:
+        r = conv.reply(line)
+      except ValueError as e:
+        write(f"error: {e}")
+        continue
+      write(f"LLaDA: {r.text}")
+      write(f"[{r.new_tokens} tokens in {r.seconds:.1f} s; history {len(conv.history)}/"
+            f"{conv.cfg.max_sequence_length} tokens; prompt bucket {r.bucket}; "
+            f"compiled {len(r.compiles)} programs in {sum(t for _, t in r.compiles):.1f} s]")
+
+
+def front_end_parser(prog: str, description: str) -> argparse.ArgumentParser:
+  """A parser with the model flags and the sampler flags at the chat defaults."""
+  parser = argparse.ArgumentParser(prog=prog, description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sample.add_model_flags(parser)
+  sample.add_sampler_flags(parser)
+  parser.set_defaults(**CHAT_DEFAULTS)
+  return parser
+
+
+def load_front_end(parser: argparse.ArgumentParser, args: argparse.Namespace):
+  """Checks the flags (parser.error on bad ones) before loading anything heavy
+  -> (model, tokenizer, sampler settings)."""
+  if not os.path.isdir(args.checkpoint):
+    parser.error(f"--checkpoint: {args.checkpoint} is not a directory")
+  settings = sample.sampler_settings(args)
+  try:
+    sample._check(settings)  # pylint: disable=protected-access
+    tok = load_tokenizer(args.tokenizer or args.checkpoint)
+    tok.apply_chat_template([])  # the chat tokens exist
+  except (ValueError, FileNotFoundError) as e:
+    parser.error(str(e))
+  return loading.load(args.checkpoint, dtype=args.dtype), tok, settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = front_end_parser("python -m llada_jax.chat", __doc__.split("\n\n")[0])
+  model, tok, settings = load_front_end(parser, parser.parse_args(argv))
+  with contextlib.suppress(ImportError):
+    import readline  # pylint: disable=g-import-not-at-top,unused-import  (line editing in input())
+  run(Conversation(model, tok, settings))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,97 @@
+"""One table per model family drives parameter shapes, logical axes, init and the HF names.
+
+A `ParamSpec` describes one Flax parameter: its path (`blocks/...` for the
+per-layer ones, stacked on a leading `layers` axis), its dimensions as config
+letters, its logical axis names, its initialiser, and the HF state-dict
+tensor it maps to (`{i}` = layer) with how the layouts differ. Model
+construction (`make_params`), the checkpoint mapping (`checkpoints/hf.py`) and
+the sharding rules all read the same table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  """One parameter.
+
+  `dims`: one config letter per (per-layer) axis, resolved by the family's
+  `dim_sizes(cfg)`; `axes`: their logical names; `init`: "ones" | "normal"
+  (truncated normal, std fan_in^-1/2 with fan_in the size of `fan_in` dims)
+  | "embed" (std 0.02); `hf`: the state-dict name; `linear_in_dims`: 0 for a
+  tensor stored as is, else how many leading Flax axes form the torch
+  Linear's `in` dimension (torch Linear weights are [out, in]); `present`:
+  whether a config has this parameter.
+  """
+  path: str
+  dims: str
+  axes: tuple[str, ...]
+  init: str
+  hf: str
+  linear_in_dims: int = 0
+  fan_in: str = ""
+  present: Callable[[object], bool] = lambda cfg: True
+
+  @property
+  def stacked(self) -> bool:
+    return self.path.startswith("blocks/")
+
+  def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+    """Full Flax shape (with the leading layers axis when stacked)."""
+    per_layer = tuple(sizes[d] for d in self.dims)
+    return ((sizes["Y"],) if self.stacked else ()) + per_layer
+
+  def logical_axes(self) -> tuple[str, ...]:
+    return (("layers",) if self.stacked else ()) + self.axes
+
+  def hf_name(self, layer: int | None = None) -> str:
+    return self.hf.format(i=layer) if self.stacked else self.hf
+
+  def hf_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of one HF tensor given the (per-layer) Flax shape."""
+    if not self.linear_in_dims:
+      return tuple(flax_shape)
+    n = self.linear_in_dims
+    return (math.prod(flax_shape[n:]), math.prod(flax_shape[:n]))
+
+  def to_flax(self, w: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
+    """HF tensor -> Flax (per-layer) layout."""
+    if not self.linear_in_dims:
+      return w.reshape(flax_shape)
+    return w.T.reshape(flax_shape)
+
+  def to_hf(self, w: np.ndarray) -> np.ndarray:
+    """Flax (per-layer) array -> HF tensor (contiguous)."""
+    if not self.linear_in_dims:
+      return np.ascontiguousarray(w)
+    n = self.linear_in_dims
+    in_size, out_size = math.prod(w.shape[:n]), math.prod(w.shape[n:])
+    return np.ascontiguousarray(w.reshape(in_size, out_size).T)
+
+
+def init_value(spec: ParamSpec, sizes: Mapping[str, int], key: jax.Array | None, dtype
+               ) -> jax.Array:
+  """The initial value of one parameter (float32 draws cast to `dtype`)."""
+  shape = spec.shape(sizes)
+  if spec.init == "ones":
+    return jnp.ones(shape, dtype)
+  fan_in = math.prod(sizes[d] for d in spec.fan_in) if spec.fan_in else 1
+  std = 0.02 if spec.init == "embed" else fan_in ** -0.5
+  value = std * jax.random.truncated_normal(key, -3.0, 3.0, shape, jnp.float32)
+  return value.astype(dtype)
+
+
+def make_param(spec: ParamSpec, sizes: Mapping[str, int], rngs: nnx.Rngs, dtype) -> nnx.Param:
+  """An `nnx.Param` carrying its logical axis names as `out_sharding` metadata."""
+  key = None if spec.init == "ones" else rngs.params()  # ones draw no key
+  value = init_value(spec, sizes, key, dtype)
+  return nnx.Param(value, out_sharding=spec.logical_axes(), eager_sharding=False)

@@ -1,0 +1,23 @@
+"""Rotary position embeddings, half-split ("rotate_half") layout, in float32."""
+
+import jax
+import jax.numpy as jnp
+
+
+def rope_tables(length: int, head_dim: int, theta: float, start=0
+                ) -> tuple[jax.Array, jax.Array]:
+  """float32 (sin, cos) [L, H] of positions start…start+L−1 (`start` may be traced)."""
+  inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  pos_L = (start + jnp.arange(length)).astype(jnp.float32)
+  angles_LH2 = pos_L[:, None] * inv_freq_H2[None, :]
+  angles_LH = jnp.concatenate([angles_LH2, angles_LH2], axis=-1)
+  return jnp.sin(angles_LH), jnp.cos(angles_LH)
+
+
+def apply_rope(x_BLNH: jax.Array, sin_LH: jax.Array, cos_LH: jax.Array) -> jax.Array:
+  """Rotates dim j with dim j + H/2 by the position's angle; computed in float32."""
+  x = x_BLNH.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x * cos_LH[None, :, None, :] + rotated * sin_LH[None, :, None, :]
+  return out.astype(x_BLNH.dtype)

@@ -1,0 +1,1 @@
+"""One module per model family; each builds its Transformer from `llada_jax.layers`."""

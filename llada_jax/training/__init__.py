@@ -1,0 +1,1 @@
+"""Training: the trainer, objectives, optimiser, data, workdir, FLOPs, AOT fit checks."""

@@ -1,0 +1,516 @@
+"""Masked-diffusion pre-training and SFT of LLaDA, sharded, preemption-safe.
+
+  python -m llada_jax.train --config configs/tiny.py --workdir runs/tiny [--config.key=value]
+
+The same program runs on a laptop and on every host of a TPU slice. Data flows
+one way: data (host slices) -> global batch -> `train_step` (noise, loss,
+gradient, AdamW) -> checkpoint. The workdir is itself a model directory:
+`config.json` + tokenizer files at the top and `checkpoints/` (Orbax steps with
+items `params`, `opt_state`, `data`, `meta`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from llada_jax import sharding
+from llada_jax import tokenizer as tokenizer_lib
+from llada_jax.checkpoints import layout
+from llada_jax.checkpoints import loading
+from llada_jax.config import ModelConfig, config_from_model_dir
+from llada_jax.models import llada as model_lib
+from llada_jax.sampling.sampler import generate
+from llada_jax.training import data as data_lib
+from llada_jax.training import flops as flops_lib
+from llada_jax.training import objectives
+from llada_jax.training import optimizer as optimizer_lib
+from llada_jax.training import workdir as workdir_lib
+
+def log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+# ---- the compiled step ----------------------------------------------------------
+
+def make_noise(rng: jax.Array, batch: dict[str, jax.Array], kind: str, mask_id: int
+               ) -> objectives.Noise:
+  if kind == "sft":
+    return objectives.sft_noise(rng, batch["input_ids"], batch["prompt_len"], mask_id)
+  return objectives.pretrain_noise(rng, batch["input_ids"], mask_id)
+
+
+def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
+               model_cfg: ModelConfig, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, kind: str, micro_batches: int, seed: int
+               ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  """One optimiser step on a global batch.
+
+  state: {"params": float32 param pytree, "opt_state", "step": int32 []}.
+  batch: {"input_ids": int32 [B, L]} (+ "prompt_len": int32 [B] for SFT).
+  A non-finite loss or gradient leaves params and optimiser state untouched
+  (metrics["finite"] = 0); the step counter advances either way.
+  """
+  rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+  noise = make_noise(rng, batch, kind, model_cfg.mask_token_id)
+
+  def loss_fn(params, mb):
+    ids_BL, nz = mb
+    logits_BLV = nnx.merge(graphdef, params).forward(nz.noisy_BL, nz.attention_mask_BL)
+    return objectives.masked_loss(logits_BLV, ids_BL, nz), jnp.sum(nz.masked_BL)
+
+  loss, grads, masked = optimizer_lib.accumulate_gradients(
+      loss_fn, state["params"], (batch["input_ids"], noise), micro_batches)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = {"params": keep(params, state["params"]),
+               "opt_state": keep(opt_state, state["opt_state"]),
+               "step": state["step"] + 1}
+  metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.int32),
+             "lr": schedule(state["step"]), "masked_tokens": masked}
+  return new_state, metrics
+
+
+def eval_step(params: dict[str, Any], batch: dict[str, jax.Array], rng: jax.Array, *,
+              graphdef: nnx.GraphDef, model_cfg: ModelConfig) -> jax.Array:
+  """Negative ELBO (nats per scored token) of a held-out batch, one noise draw."""
+  noise = objectives.elbo_noise(rng, batch["input_ids"], model_cfg.mask_token_id,
+                                batch.get("prompt_len"))
+  logits_BLV = nnx.merge(graphdef, params).forward(noise.noisy_BL)
+  return objectives.masked_loss(logits_BLV, batch["input_ids"], noise)
+
+
+# ---- sharded state ----------------------------------------------------------------
+
+def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
+  return sharding.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+
+
+def batch_sharding(mesh: Mesh, rules=sharding.DEFAULT_RULES) -> NamedSharding:
+  """Rows over the batch axes (data x fsdp): for [B, L] token arrays."""
+  return NamedSharding(mesh, sharding.logical_to_spec(("batch", None), rules, mesh))
+
+
+def batch_shardings(mesh: Mesh, kind: str, rules=sharding.DEFAULT_RULES) -> dict[str, Any]:
+  """Shardings of a batch dict: input_ids [B, L] (+ prompt_len [B] for SFT)."""
+  rows = batch_sharding(mesh, rules)
+  out = {"input_ids": rows}
+  if kind == "sft":
+    out["prompt_len"] = NamedSharding(mesh, P(rows.spec[0]))
+  return out
+
+
+def state_shardings(graphdef_state: nnx.State, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules=sharding.DEFAULT_RULES) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(abstract state, shardings): params by the logical rules, the optimiser's
+  per-parameter moments like their parameter, its scalars replicated."""
+  param_sh = nnx.to_pure_dict(sharding.param_shardings(graphdef_state, mesh, rules))
+  params_abs = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+                            nnx.to_pure_dict(graphdef_state))
+  opt_abs = jax.eval_shape(tx.init, params_abs)
+  replicated = NamedSharding(mesh, P())
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abs, param_sh,
+                                 transform_non_params=lambda _: replicated)
+  shardings = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+  abstract = {"params": params_abs, "opt_state": opt_abs,
+              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return abstract, shardings
+
+
+def compile_train_step(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh,
+                       lr_scale: float = 1.0, rules=sharding.DEFAULT_RULES):
+  """(jitted step, abstract state with shardings, schedule, graphdef) for `cfg` on `mesh`."""
+  graphdef, abstract_params = nnx.split(model_lib.abstract(model_cfg, mesh=mesh, rules=rules))
+  tx, schedule = optimizer_lib.from_config(cfg, lr_scale)
+  abstract, shardings = state_shardings(abstract_params, tx, mesh, rules)
+  step_fn = functools.partial(train_step, graphdef=graphdef, model_cfg=model_cfg, tx=tx,
+                              schedule=schedule, kind=cfg.kind,
+                              micro_batches=cfg.micro_batches, seed=cfg.seed)
+  batch_sh = batch_shardings(mesh, cfg.kind, rules)
+  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh),
+                   out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+  return jitted, abstract, tx, graphdef
+
+
+def init_state(cfg, model_cfg: ModelConfig, abstract: dict[str, Any],
+               tx: optax.GradientTransformation, init_params: Any = None) -> dict[str, Any]:
+  """Fresh sharded state: random params (or `init_params`) and a new optimiser state."""
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  if init_params is None:
+    init_params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(model_lib.init(model_cfg, cfg.seed))[1]),
+                          out_shardings=shardings["params"])()
+  params = jax.device_put(jax.tree.map(lambda x: x.astype(jnp.float32), init_params),
+                          shardings["params"])
+  opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
+  return {"params": params, "opt_state": opt_state, "step": step}
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """The global batch from this host's slice (rows split over the data axes)."""
+  shardings = batch_shardings(mesh, "sft" if "prompt_len" in local else "pretrain")
+  return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
+
+
+# ---- set-up: tokenizer, model config, data -------------------------------------
+
+def _has_tokenizer(directory: str) -> bool:
+  return any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.model",
+                                                                   "tokenizer.json"))
+
+
+def resolve_tokenizer(cfg, workdir: str, train_docs) -> tuple[Any, str]:
+  """(tokenizer, its directory): the configured one, init_from's, the workdir's
+  (on resume), or a SentencePiece model trained here on the training documents.
+  Pre-tokenized data may go without one: (None, None)."""
+  for directory in (cfg.tokenizer.path, cfg.init_from, workdir):
+    if directory and _has_tokenizer(directory):
+      return tokenizer_lib.load_tokenizer(directory), directory
+  if cfg.tokenizer.path:
+    raise FileNotFoundError(f"config.tokenizer.path: no tokenizer.model / tokenizer.json in "
+                            f"{cfg.tokenizer.path!r}")
+  if not cfg.tokenizer.train_vocab_size:
+    if cfg.kind == "pretrain" and len(train_docs) and "ids" in train_docs[0]:
+      return None, None  # pre-tokenized documents
+    raise ValueError("config.tokenizer: set `path`, or `train_vocab_size` to train one")
+  out_dir = workdir
+  if jax.process_index() == 0:
+    corpus = os.path.join(out_dir, "tokenizer_corpus.txt")
+    with open(corpus, "w", encoding="utf-8") as f:
+      written = 0
+      for doc in train_docs:
+        text = doc.get("text") or "\n".join(
+            [doc.get("prompt", ""), doc.get("response", "")]
+            + [m.get("content", "") for m in doc.get("messages", [])])
+        f.write(text.replace("\n\n", "\n") + "\n")
+        written += len(text)
+        if written > 50_000_000:
+          break
+    log(f"training a SentencePiece tokenizer (vocab {cfg.tokenizer.train_vocab_size}) "
+        f"on {written:,} characters")
+    tokenizer_lib.train([corpus], cfg.tokenizer.train_vocab_size, out_dir)
+    os.remove(corpus)
+  _sync("tokenizer")
+  return tokenizer_lib.load_tokenizer(out_dir), out_dir
+
+
+def model_config(cfg, tokenizer) -> ModelConfig:
+  """The model's config (init_from's architecture if given), checked against the tokenizer."""
+  model = dict(cfg.model)
+  if cfg.init_from:
+    numerics = {k: model[k] for k in ("dtype", "attention", "remat_policy", "scan_layers")}
+    model_cfg = config_from_model_dir(cfg.init_from, param_dtype="float32", **numerics)
+  else:
+    model_cfg = ModelConfig.from_dict({**model, "param_dtype": "float32"})
+  if tokenizer is None:
+    pass
+  elif tokenizer.vocab_size > model_cfg.embedding_size:
+    raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                     f"embedding_size={model_cfg.embedding_size}")
+  for field, tok_field in (("mask_token_id", "mask_id"), ("eos_token_id", "eos_id")):
+    want, got = getattr(model_cfg, field), getattr(tokenizer, tok_field, None)
+    if got is not None and want != got:
+      raise ValueError(f"config.model.{field}={want} but the tokenizer's {tok_field} is {got}")
+  if cfg.seq_len > model_cfg.max_sequence_length:
+    raise ValueError(f"config.seq_len={cfg.seq_len} exceeds the model's "
+                     f"max_sequence_length={model_cfg.max_sequence_length}")
+  return model_cfg
+
+
+def load_documents(cfg):
+  """(training documents, held-out documents) as grain MapDatasets."""
+  d = cfg.data
+  data_dir = d.data_dir or None
+  docs = data_lib.documents(d.source, tfds_split=d.tfds_split, data_dir=data_dir, field=d.field)
+  if d.eval_source or d.source.startswith("tfds:"):
+    eval_docs = data_lib.documents(d.eval_source or d.source, tfds_split=d.tfds_eval_split,
+                                   data_dir=data_dir, field=d.field)
+    return grain.MapDataset.source(docs), grain.MapDataset.source(eval_docs)
+  return data_lib.split_heldout(docs, d.eval_fraction, cfg.seed)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _host_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This host's rows of a batch that every host holds in full."""
+  n, i = jax.process_count(), jax.process_index()
+  return {k: v[i * (len(v) // n):(i + 1) * (len(v) // n)] for k, v in batch.items()}
+
+
+# ---- the loop -----------------------------------------------------------------------
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after every step."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+
+def evaluate(eval_fn: Callable, params, batches, mesh: Mesh, samples: int, seed: int) -> float:
+  """Held-out negative ELBO in bits per scored token (mean over batches and draws)."""
+  total = 0.0
+  for i, batch in enumerate(batches):
+    gb = global_batch(_host_rows(batch), mesh)
+    for j in range(samples):
+      rng = jax.random.fold_in(jax.random.key(seed + 1), i * samples + j)
+      total += float(eval_fn(params, gb, rng))
+  return total / (len(batches) * samples) / math.log(2)
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) in `workdir`; returns the final metrics."""
+  t_start = time.time()
+  _check_config(cfg)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = make_mesh(cfg)
+  train_docs, eval_docs = load_documents(cfg)
+  tokenizer, tokenizer_dir = resolve_tokenizer(cfg, workdir, train_docs)
+  model_cfg = model_config(cfg, tokenizer)
+  if jax.process_index() == 0:
+    workdir_lib.write_model_files(workdir, model_cfg, tokenizer_dir, cfg.to_json_best_effort(
+        indent=2))
+  pc, pi = jax.process_count(), jax.process_index()
+  dataset = data_lib.train_dataset(
+      train_docs, tokenizer, kind=cfg.kind, seq_len=cfg.seq_len, batch_size=cfg.batch_size // pc,
+      seed=cfg.seed, eos_id=model_cfg.eos_token_id, process_index=pi, process_count=pc)
+  iterator = iter(dataset)
+  evals = data_lib.eval_batches(eval_docs, tokenizer, kind=cfg.kind, seq_len=cfg.seq_len,
+                                batch_size=cfg.eval_batch_size, num_batches=cfg.eval_batches,
+                                eos_id=model_cfg.eos_token_id)
+  unigram_bits = data_lib.unigram_entropy_bits(evals)
+
+  mngr = workdir_lib.manager(workdir, cfg.checkpoint.every_steps, cfg.checkpoint.keep)
+  meta = {"step": 0, "lr_scale": 1.0, "skipped_steps": 0, "rollbacks": 0}
+  latest = mngr.latest_step()
+  step_fn, abstract, tx, graphdef = compile_train_step(cfg, model_cfg, mesh)
+  if latest is not None:
+    restored, meta = workdir_lib.restore(mngr, latest, abstract, iterator)
+    if meta["lr_scale"] != 1.0:
+      step_fn, abstract, tx, graphdef = compile_train_step(cfg, model_cfg, mesh, meta["lr_scale"])
+    state = {**restored, "step": jax.device_put(jnp.int32(latest), abstract["step"].sharding)}
+    log(f"resumed from step {latest} of {layout.checkpoint_dir(workdir)}")
+  else:
+    init_params = None
+    if cfg.init_from:
+      loaded = loading.load(cfg.init_from, dtype=model_cfg.dtype, param_dtype="float32",
+                              mesh=mesh)
+      init_params = nnx.to_pure_dict(nnx.split(loaded)[1])
+      log(f"initialised from {cfg.init_from}")
+    state = init_state(cfg, model_cfg, abstract, tx, init_params)
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, model_cfg=model_cfg))
+
+  n_devices = jax.device_count()
+  peak, peak_source = ((cfg.peak_flops, "config") if cfg.peak_flops
+                       else flops_lib.peak_flops_per_device())
+  flops_per_token = flops_lib.flops_per_token(model_cfg, cfg.seq_len)
+  tokens_per_step = cfg.batch_size * cfg.seq_len
+  log(f"model: {model_cfg.num_params():,} parameters; mesh {dict(mesh.shape)} on "
+      f"{n_devices} {jax.devices()[0].platform} device(s); peak {peak / 1e12:.3g} TFLOP/s "
+      f"per device ({peak_source}); held-out unigram entropy {unigram_bits:.3f} bits/token")
+
+  writer = _summary_writer(workdir)
+  metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if pi == 0 else None
+  preemption = _Preemption()
+  progress = _progress(cfg.total_steps, latest or 0)
+  step = int(latest or 0)
+  in_a_row = 0
+  last = {"loss": float("nan")}
+  window_t, window_steps = time.time(), 0
+  while step < cfg.total_steps:
+    batch = global_batch(next(iterator), mesh)
+    state, metrics = step_fn(state, batch)
+    step += 1
+    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    window_steps += 1
+    progress.update(1)
+    if metrics_file:
+      metrics_file.write(json.dumps({"step": step, **last}) + "\n")
+      metrics_file.flush()
+    if not last["finite"]:
+      meta["skipped_steps"] += 1
+      in_a_row += 1
+      log(f"step {step}: non-finite loss/gradient, skipped ({in_a_row} in a row)")
+      if in_a_row >= cfg.max_nonfinite_in_a_row:
+        mngr.wait_until_finished()
+        back = mngr.latest_step()
+        if back is None:
+          raise RuntimeError(f"{in_a_row} non-finite steps in a row and no checkpoint to "
+                             "roll back to")
+        if meta["rollbacks"] >= cfg.max_rollbacks:
+          raise RuntimeError(f"{in_a_row} non-finite steps in a row after {meta['rollbacks']}"
+                             f" rollbacks (config.max_rollbacks); giving up at step {step}")
+        meta["lr_scale"] *= cfg.rollback_lr_scale
+        step_fn, abstract, tx, graphdef = compile_train_step(cfg, model_cfg, mesh,
+                                                             meta["lr_scale"])
+        restored, old_meta = workdir_lib.restore(mngr, back, abstract, iterator)
+        state = {**restored, "step": jax.device_put(jnp.int32(back), abstract["step"].sharding)}
+        meta["rollbacks"] += 1
+        log(f"rolled back to step {back} with the learning rate scaled by {meta['lr_scale']:g}"
+            f" (was at step {step})")
+        del old_meta
+        step, in_a_row = back, 0
+        progress.reset(total=cfg.total_steps)
+        progress.update(step)
+        continue
+    else:
+      in_a_row = 0
+    meta["step"] = step
+    if step == cfg.debug_kill_at_step:
+      os.kill(os.getpid(), signal.SIGKILL)
+    if mngr.should_save(step):
+      workdir_lib.save(mngr, step, state, iterator, meta)
+    if step % cfg.log_every == 0 or step == cfg.total_steps:
+      elapsed = time.time() - window_t
+      tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+      tflops = tok_s * flops_per_token / n_devices / 1e12
+      line = {"loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"],
+              "tokens_per_s": tok_s, "tflops_per_device": tflops,
+              "mfu": tflops * 1e12 / peak, "skipped_steps": meta["skipped_steps"]}
+      log(f"step {step}/{cfg.total_steps} loss {line['loss']:.4f} lr {line['lr']:.3g} "
+          f"grad_norm {line['grad_norm']:.3f} tokens/s {tok_s:,.0f} "
+          f"TFLOP/s/device {tflops:.4g} MFU {100 * line['mfu']:.2f}% "
+          f"skipped {meta['skipped_steps']}")
+      _scalars(writer, step, line)
+      window_t, window_steps = time.time(), 0
+    if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
+      bits = evaluate(eval_fn, state["params"], evals, mesh, cfg.eval_samples, cfg.seed)
+      log(f"step {step}: held-out ELBO {bits:.4f} bits/token "
+          f"(unigram entropy {unigram_bits:.4f})")
+      _scalars(writer, step, {"eval_elbo_bits_per_token": bits})
+      window_t = time.time()
+    if preemption.requested or (pc > 1 and mngr.reached_preemption(step)):
+      workdir_lib.save(mngr, step, state, iterator, meta, force=True)
+      mngr.wait_until_finished()
+      log(f"preempted: saved step {step}, exiting")
+      progress.close()
+      return {"step": step, "preempted": True, "skipped_steps": meta["skipped_steps"],
+              "rollbacks": meta["rollbacks"], **last}
+  if mngr.latest_step() != step:
+    workdir_lib.save(mngr, step, state, iterator, meta, force=True)
+  progress.close()
+  bits = evaluate(eval_fn, state["params"], evals, mesh, cfg.eval_samples, cfg.seed)
+  _scalars(writer, step, {"eval_elbo_bits_per_token": bits})
+  write_samples(cfg, graphdef, state["params"], evals, tokenizer, mesh)
+  mngr.wait_until_finished()
+  mngr.close()
+  result = {"step": step, "loss": last["loss"], "eval_elbo_bits_per_token": bits,
+            "unigram_entropy_bits_per_token": unigram_bits,
+            "skipped_steps": meta["skipped_steps"], "rollbacks": meta["rollbacks"],
+            "seconds": time.time() - t_start}
+  log(f"done: step {step}, loss {last['loss']:.4f}, held-out ELBO {bits:.4f} bits/token, "
+      f"unigram entropy of the held-out text {unigram_bits:.4f} bits/token, "
+      f"{result['seconds']:.0f} s")
+  if metrics_file:
+    metrics_file.close()
+  if writer:
+    writer.close()
+  return result
+
+
+def write_samples(cfg, graphdef, params, evals, tokenizer, mesh) -> None:
+  """Logs a few samples: held-out prompts continued by the diffusion sampler."""
+  s = cfg.samples
+  if not s.num or tokenizer is None:
+    return
+  model = nnx.merge(graphdef, params)
+  prompt_ids = np.asarray(evals[0]["input_ids"][:s.num, :s.prompt_len])
+  out = generate(model, prompt_ids, steps=s.steps, gen_length=s.gen_length,
+                 block_length=s.gen_length)
+  for prompt, row in zip(prompt_ids, np.asarray(out)):
+    log(f"sample: {tokenizer.decode(prompt.tolist())!r} -> "
+        f"{tokenizer.decode(row[len(prompt):].tolist())!r}")
+  del mesh
+
+
+def _check_config(cfg) -> None:
+  n = jax.process_count()
+  if cfg.kind not in ("pretrain", "sft"):
+    raise ValueError(f"config.kind={cfg.kind!r} is not 'pretrain' or 'sft'")
+  if cfg.batch_size % (n * cfg.micro_batches):
+    raise ValueError(f"config.batch_size={cfg.batch_size} does not divide into "
+                     f"{n} host(s) x {cfg.micro_batches} micro-batches")
+  if cfg.eval_batch_size % n:
+    raise ValueError(f"config.eval_batch_size={cfg.eval_batch_size} does not divide over "
+                     f"{n} hosts")
+  for name in ("total_steps", "seq_len", "log_every"):
+    if cfg[name] <= 0:
+      raise ValueError(f"config.{name}={cfg[name]} must be positive")
+
+
+def _summary_writer(workdir: str):
+  if jax.process_index() != 0:
+    return None
+  return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+def _scalars(writer, step: int, values: dict[str, float]) -> None:
+  if writer:
+    for k, v in values.items():
+      writer.add_scalar(k, v, step)
+    writer.flush()
+
+
+def _progress(total: int, initial: int):
+  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+              disable=not sys.stderr.isatty() or jax.process_index() != 0)
+
+
+def _multihost_environment() -> bool:
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return "," in hosts or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+
+
+def main(argv) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  cfg = flags.FLAGS.config
+  if cfg.distributed or _multihost_environment():
+    jax.distributed.initialize()
+  train_and_evaluate(cfg, flags.FLAGS.workdir)
+
+
+def _define_flags() -> None:
+  config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs, model files)")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
