@@ -41,10 +41,12 @@ MODEL_100M = dict(d_model=768, n_heads=12, n_kv_heads=12, n_layers=12, mlp_hidde
 SETUPS = {"tiny": ({}, 16, 128, 10, 5, 10), "100M": (MODEL_100M, 8, 256, 2, 3, 2)}
 
 
-def _config(model: dict, batch_size: int, seq_len: int):
+def _config(model: dict, batch_size: int, seq_len: int, loss_vocab_chunk: int = 0):
   cfg = tiny.get_config()
   cfg.model.update(model)
   cfg.update(batch_size=batch_size, seq_len=seq_len, total_steps=1000)
+  if loss_vocab_chunk:
+    cfg.loss_vocab_chunk = loss_vocab_chunk
   return cfg
 
 
@@ -107,6 +109,7 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--configs", default="tiny,100M")
+  ap.add_argument("--loss_vocab_chunk", type=int, default=0, help="0: the config's default")
   ap.add_argument("--output", default="")
   args = ap.parse_args()
   load_before = os.getloadavg()
@@ -114,11 +117,13 @@ def main() -> None:
   runs = []
   for name in args.configs.split(","):
     model, batch, seq_len, steps, windows, window_steps = SETUPS[name]
+    config = lambda: _config(model, batch, seq_len, args.loss_vocab_chunk)  # noqa: E731
     run = {"config": name, "batch_size": batch, "seq_len": seq_len,
-           "params": ModelConfig.from_dict(_config(model, batch, seq_len).model).num_params()}
-    run["step"] = bench_step(_config(model, batch, seq_len), steps, args.repeats, peak)
+           "params": ModelConfig.from_dict(config().model).num_params(),
+           "loss_vocab_chunk": config().get("loss_vocab_chunk", 0)}
+    run["step"] = bench_step(config(), steps, args.repeats, peak)
     with tempfile.TemporaryDirectory() as tmp:
-      run["loop"] = bench_loop(_config(model, batch, seq_len), windows, window_steps, tmp)
+      run["loop"] = bench_loop(config(), windows, window_steps, tmp)
     runs.append(run)
   common.write_json({"benchmark": "train", "machine": common.machine(),
                      "matmul_flops_per_s_float32": peak, "load_average_before": load_before,
