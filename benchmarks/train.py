@@ -1,82 +1,133 @@
-"""Training throughput on this machine: tokens/s and MFU of the tiny and a ~100M config.
+"""Training throughput on this machine: the jitted step alone and the whole loop.
 
-  python benchmarks/train.py [--steps 10] [--out results.json]
+  python -m benchmarks.train [--repeats 5] [--output out/train.json]
 
-Times the real jitted train step (`llada_jax.train.compile_train_step`) on
-random tokens after one warm-up step, next to the measured float32 matmul
-FLOP/s of the device (the MFU denominator on CPU). Prints JSON.
+For the tiny config and a ~100M config, on random tokens:
+  step  the real jitted step (`train.compile_train_step`), `--steps` steps
+        dispatched back to back then blocked on, after one warm-up step;
+        seconds per step over `--repeats` repeats (min/median/max) and MFU
+        against the measured float32 matmul FLOP/s of the device.
+  loop  `train.train_and_evaluate` on pre-tokenized random documents: steps/s of
+        each logging window (from the tokens/s the loop logs), the first window
+        (compilation) dropped; min/median/max over windows. This includes the
+        data pipeline, metric fetching and logging: the hot path of a run.
+The load average before and after is recorded: the CPU may be shared.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import io
 import os
-import platform
-import sys
+import re
+import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from configs import tiny  # noqa: E402
-from llada_jax.config import ModelConfig  # noqa: E402
-from llada_jax.training import flops as flops_lib  # noqa: E402
-from llada_jax.training import train  # noqa: E402
+from benchmarks import common
+from configs import tiny
+from llada_jax.training import data as data_lib
+from llada_jax.training import flops as flops_lib
+from llada_jax.training import train
+from llada_jax.config import ModelConfig
 
 # ~100M parameters: 12 layers of d_model 768 (85M) + a 32k vocabulary in and out (49M).
 MODEL_100M = dict(d_model=768, n_heads=12, n_kv_heads=12, n_layers=12, mlp_hidden_size=2048,
                   vocab_size=32768, embedding_size=32768, max_sequence_length=1024)
+# name -> (model overrides, batch, seq_len, steps per timing, loop windows, steps per window)
+SETUPS = {"tiny": ({}, 16, 128, 10, 5, 10), "100M": (MODEL_100M, 8, 256, 2, 3, 2)}
 
 
-def bench(name: str, model: dict, batch_size: int, seq_len: int, steps: int,
-          peak: float) -> dict:
+def _config(model: dict, batch_size: int, seq_len: int, loss_vocab_chunk: int = 0):
   cfg = tiny.get_config()
   cfg.model.update(model)
   cfg.update(batch_size=batch_size, seq_len=seq_len, total_steps=1000)
+  if loss_vocab_chunk:
+    cfg.loss_vocab_chunk = loss_vocab_chunk
+  return cfg
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+  return {"min": min(values), "median": float(np.median(values)), "max": max(values)}
+
+
+def bench_step(cfg, steps: int, repeats: int, peak: float) -> dict:
+  """Seconds per jitted step, `steps` dispatched back to back per repeat."""
   model_cfg = ModelConfig.from_dict(cfg.model)
   mesh = train.make_mesh(cfg)
   step_fn, abstract, tx, _ = train.compile_train_step(cfg, model_cfg, mesh)
   state = train.init_state(cfg, model_cfg, abstract, tx)
-  ids = jax.random.randint(jax.random.key(0), (batch_size, seq_len), 7, model_cfg.vocab_size)
+  ids = jax.random.randint(jax.random.key(0), (cfg.batch_size, cfg.seq_len), 7,
+                           model_cfg.vocab_size)
   batch = jax.device_put({"input_ids": ids}, train.batch_sharding(mesh))
   t0 = time.perf_counter()
   state, m = step_fn(state, batch)
-  float(m["loss"])
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, m = step_fn(state, batch)
-    float(m["loss"])
-  step_s = (time.perf_counter() - t0) / steps
-  tokens_s = batch_size * seq_len / step_s
-  model_flops_s = tokens_s * flops_lib.flops_per_token(model_cfg, seq_len) / jax.device_count()
-  return {"config": name, "params": model_cfg.num_params(), "batch_size": batch_size,
-          "seq_len": seq_len, "step_s": step_s, "first_step_s": compile_s,
-          "tokens_per_s": tokens_s, "model_tflops_per_device": model_flops_s / 1e12,
-          "mfu": model_flops_s / peak}
+  jax.block_until_ready(m)
+  first_s = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, m = step_fn(state, batch)
+    jax.block_until_ready((state, m))
+    times.append((time.perf_counter() - t0) / steps)
+  step_s = _stats(times)
+  tokens = cfg.batch_size * cfg.seq_len
+  flops = tokens * flops_lib.flops_per_token(model_cfg, cfg.seq_len) / jax.device_count()
+  return {"first_step_s": first_s, "step_s": step_s, "steps_per_s": 1 / step_s["median"],
+          "tokens_per_s": tokens / step_s["median"], "mfu": flops / step_s["median"] / peak}
+
+
+def bench_loop(cfg, windows: int, window_steps: int, workdir: str) -> dict:
+  """Steps/s of `train_and_evaluate` per logging window (first window dropped)."""
+  rs = np.random.RandomState(0)
+  vocab = cfg.model.vocab_size
+  docs = [rs.randint(7, vocab, rs.randint(20, 400)) for _ in range(400)]
+  source = os.path.join(workdir, "docs.array_record")
+  data_lib.write_token_records(source, docs)
+  cfg.update(total_steps=(windows + 1) * window_steps, log_every=window_steps, eval_every=0,
+             eval_batches=1, eval_batch_size=cfg.batch_size, eval_samples=1, peak_flops=1e12)
+  cfg.data.source = source
+  cfg.optimizer.update(warmup_steps=2, decay_steps=0)
+  cfg.tokenizer.train_vocab_size = 0
+  cfg.samples.num = 0
+  cfg.checkpoint.every_steps = 10 ** 6
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    train.train_and_evaluate(cfg, os.path.join(workdir, "run"))
+  tok_s = [float(t.replace(",", "")) for t in re.findall(r"tokens/s ([\d,]+)", out.getvalue())]
+  if len(tok_s) != windows + 1:
+    raise RuntimeError(f"expected {windows + 1} log lines, got:\n{out.getvalue()}")
+  steps_s = [t / (cfg.batch_size * cfg.seq_len) for t in tok_s[1:]]
+  return {"windows": windows, "steps_per_window": window_steps, "steps_per_s": _stats(steps_s)}
 
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__)
-  ap.add_argument("--steps", type=int, default=10)
-  ap.add_argument("--out", default="")
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--configs", default="tiny,100M")
+  ap.add_argument("--loss_vocab_chunk", type=int, default=0, help="0: the config's default")
+  ap.add_argument("--output", default="")
   args = ap.parse_args()
-  peak = flops_lib.measured_matmul_flops(n=2048)
-  results = {
-      "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                  "devices": [str(d) for d in jax.devices()],
-                  "matmul_tflops_float32": peak / 1e12},
-      "runs": [bench("tiny", dict(tiny.model_config()), 16, 128, args.steps, peak),
-               bench("100M", MODEL_100M, 8, 256, max(2, args.steps // 5), peak)],
-  }
-  text = json.dumps(results, indent=2)
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
+  load_before = os.getloadavg()
+  peak = common.matmul_flops_per_s()
+  runs = []
+  for name in args.configs.split(","):
+    model, batch, seq_len, steps, windows, window_steps = SETUPS[name]
+    config = lambda: _config(model, batch, seq_len, args.loss_vocab_chunk)  # noqa: E731
+    run = {"config": name, "batch_size": batch, "seq_len": seq_len,
+           "params": ModelConfig.from_dict(config().model).num_params(),
+           "loss_vocab_chunk": config().get("loss_vocab_chunk", 0)}
+    run["step"] = bench_step(config(), steps, args.repeats, peak)
+    with tempfile.TemporaryDirectory() as tmp:
+      run["loop"] = bench_loop(config(), windows, window_steps, tmp)
+    runs.append(run)
+  common.write_json({"benchmark": "train", "machine": common.machine(),
+                     "matmul_flops_per_s_float32": peak, "load_average_before": load_before,
+                     "load_average_after": os.getloadavg(), "runs": runs}, args.output)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ def get_config():
   cfg.total_steps = round(2.3e12 / TOKENS_PER_STEP)
   cfg.batch_size = 1280
   cfg.micro_batches = 1
+  cfg.loss_vocab_chunk = 8192  # 16 chunks of 126,464: no [B, 4096, V] float32 logits
   cfg.seq_len = 4096
   cfg.mesh.update(data=1, fsdp=-1, tensor=1)
   cfg.data.update(source="tfds:c4/en:3.1.0", eval_source="", tfds_split="train",

@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
       total_steps=1000,
       batch_size=16,  # global batch, rows
       micro_batches=1,  # gradient accumulation
+      loss_vocab_chunk=0,  # >0: cross-entropy over vocabulary chunks, no [B, L, V] logits
       seq_len=128,
       init_from="",  # a model dir (HF snapshot, converted dir or workdir)
       mesh=ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)),  # -1 = the rest
@@ -52,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
           tfds_eval_split="validation",
           data_dir="",
           field="text",
+          prefetch=2,  # batches a background thread keeps ready (0 = none)
       )),
       tokenizer=ml_collections.ConfigDict(dict(
           path="",  # tokenizer dir/file; default: init_from's, else trained here
@@ -82,5 +84,4 @@ def get_config() -> ml_collections.ConfigDict:
       peak_flops=0.0,  # per device; 0 = spec sheet (TPU) or a measured matmul
       samples=ml_collections.ConfigDict(dict(num=2, prompt_len=16, gen_length=32, steps=32)),
       distributed=False,  # force jax.distributed.initialize() (auto on multi-host TPU)
-      debug_kill_at_step=-1,  # tests: SIGKILL itself after this step (fault injection)
   ))

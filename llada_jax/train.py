@@ -13,5 +13,5 @@ def __getattr__(name: str):
 
 
 if __name__ == "__main__":
-  _impl._define_flags()  # pylint: disable=protected-access
+  _impl.define_flags()
   app.run(main)

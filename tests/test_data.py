@@ -55,17 +55,23 @@ def test_packing_keeps_every_document_whole():
   assert {TOK.decode(p) for p in pieces[:40]} == texts  # one epoch = every document once
 
 
-def test_resume_from_iterator_state_is_exact():
-  it = iter(_pretrain())
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_resume_from_iterator_state_is_exact(prefetch):
+  """Also with a prefetch thread running ahead: the state counts batches taken."""
+  it = iter(_pretrain(prefetch=prefetch))
   for _ in range(5):
     next(it)
   state = it.get_state()
   want = [next(it)["input_ids"] for _ in range(4)]
   json.dumps(state)  # saved with the checkpoint as JSON
-  it2 = iter(_pretrain())
+  it2 = iter(_pretrain(prefetch=prefetch))
+  next(it2)  # set_state must also discard what the thread had prefetched
   it2.set_state(state)
   for w in want:
     np.testing.assert_array_equal(next(it2)["input_ids"], w)
+  plain = iter(_pretrain())
+  plain.set_state(state)  # the same state as without prefetching
+  np.testing.assert_array_equal(next(plain)["input_ids"], want[0])
 
 
 def test_hosts_read_disjoint_slices():

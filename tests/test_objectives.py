@@ -98,3 +98,22 @@ def test_elbo_noise_is_stratified(prompt):
   np.testing.assert_array_equal(np.floor(t_B * 8), np.arange(8))
   if prompt:
     assert not np.asarray(noise.masked_BL)[:, :4].any()
+
+
+@pytest.mark.parametrize("chunk", [8, 16, 36, 37])  # 36: the last chunk overlaps 35 columns
+def test_chunked_cross_entropy_equals_full_logits(chunk):
+  rs = np.random.RandomState(0)
+  x_BLD = jnp.asarray(rs.randn(2, 5, 8), jnp.float32)
+  head_DV = jnp.asarray(rs.randn(8, 37), jnp.float32)
+  targets_BL = jnp.asarray(rs.randint(0, 37, (2, 5)))
+  g_BL = jnp.asarray(rs.randn(2, 5), jnp.float32)  # a cotangent that weights every position
+  full = lambda x, h: objectives.cross_entropy(jnp.einsum("bld,dv->blv", x, h) * 0.5,
+                                               targets_BL)
+  chunked = lambda x, h: objectives.chunked_cross_entropy(x, h, targets_BL, chunk, 0.5)
+  want = _np_ce(np.einsum("bld,dv->blv", np.asarray(x_BLD, np.float64), head_DV) * 0.5,
+                np.asarray(targets_BL))
+  np.testing.assert_allclose(np.asarray(jax.jit(chunked)(x_BLD, head_DV)), want, rtol=1e-5)
+  grads = [jax.grad(lambda x, h, f=f: jnp.sum(f(x, h) * g_BL), (0, 1))(x_BLD, head_DV)
+           for f in (full, jax.jit(chunked))]
+  for want_g, got_g in zip(*grads):
+    np.testing.assert_allclose(np.asarray(got_g), np.asarray(want_g), rtol=1e-5, atol=1e-6)

@@ -1,5 +1,10 @@
-"""Training: mesh equality and shardings, non-finite skip, rollback, exact resume
-after kill -9, SIGTERM save (short runs of a tiny model on 8 fake CPU devices)."""
+"""Training: mesh equality and shardings, non-finite skip, rollback without a
+recompile, exact resume after kill -9, SIGTERM save (short runs of a tiny model
+on 8 fake CPU devices).
+
+Run as a program (`python -m tests.test_train --kill_at_step=N ...train flags`),
+this file is the training CLI with a fault injected: SIGKILL after step N.
+"""
 
 import json
 import os
@@ -11,6 +16,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from absl import app, flags
 from jax.sharding import NamedSharding
 
 from configs import tiny
@@ -66,8 +72,10 @@ def _flags(cfg_changes):
   return out
 
 
-def _run(workdir, changes, wait=True):
-  cmd = [sys.executable, "-m", "llada_jax.train", f"--config={REPO}/configs/tiny.py",
+def _run(workdir, changes, wait=True, kill_at_step=None):
+  program = ["llada_jax.train"] if kill_at_step is None else ["tests.test_train",
+                                                               f"--kill_at_step={kill_at_step}"]
+  cmd = [sys.executable, "-m", *program, f"--config={REPO}/configs/tiny.py",
          f"--workdir={workdir}"] + _flags(changes)
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
@@ -78,7 +86,7 @@ def _run(workdir, changes, wait=True):
 
 
 def _losses(workdir):
-  """step -> loss, the last entry written for each step (a resumed run rewrites some)."""
+  """step -> loss of the logged steps, the last entry for each (a resumed run rewrites some)."""
   by_step = {}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
@@ -87,8 +95,8 @@ def _losses(workdir):
   return by_step
 
 
-def _step(mesh, token_data, steps=3):
-  cfg = _config(**{"data.source": token_data})
+def _step(mesh, token_data, steps=3, vocab_chunk=0):
+  cfg = _config(**{"data.source": token_data, "loss_vocab_chunk": vocab_chunk})
   model_cfg = ModelConfig.from_dict(cfg.model)
   step_fn, abstract, tx, _ = train.compile_train_step(cfg, model_cfg, mesh)
   state = train.init_state(cfg, model_cfg, abstract, tx)
@@ -102,9 +110,11 @@ def _step(mesh, token_data, steps=3):
 
 
 def test_mesh_2x2x2_equals_one_device_and_shardings_follow_rules(token_data):
+  """Also: the vocabulary-chunked loss (3 chunks of 48 of 128, the last overlapping)
+  on 8 devices trains like the full logits on one."""
   mesh8 = sharding.make_mesh((2, 2, 2))
   mesh1 = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  state8, losses8 = _step(mesh8, token_data)
+  state8, losses8 = _step(mesh8, token_data, vocab_chunk=48)
   state1, losses1 = _step(mesh1, token_data)
   # float32 with differently ordered reductions (psum over shards): 1e-5 relative.
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
@@ -121,6 +131,27 @@ def test_mesh_2x2x2_equals_one_device_and_shardings_follow_rules(token_data):
     assert node.sharding.is_equivalent_to(want, len(shape)), (key, node.sharding, want)
     assert mu.sharding.is_equivalent_to(want, len(shape)), ("adam mu", key)
   assert state8["params"]["blocks"]["q_proj"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+
+
+@pytest.mark.parametrize("variant", ["untied", "tied_scaled"])
+def test_chunked_model_loss_and_grads_equal_full_logits(tiny_model, variant):
+  """The loss from final hidden states over 4 vocabulary chunks (of 300 of 1024,
+  the last overlapping) equals the full-logits loss, value and gradients."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from llada_jax.training import objectives  # pylint: disable=g-import-not-at-top
+  model = tiny_model
+  if variant == "tied_scaled":
+    model = model_lib.init(model.config.replace(weight_tying=True, scale_logits=True), seed=1)
+  graphdef, params = nnx.split(model)
+  ids_BL = jax.random.randint(jax.random.key(0), (2, 24), 0, 900)
+  noise = objectives.pretrain_noise(jax.random.key(1), ids_BL, model.config.mask_token_id,
+                                    crop_prob=1.0)  # a crop: the attention mask is used too
+  loss = lambda p, chunk: train.model_loss(nnx.merge(graphdef, p), ids_BL, noise, chunk)
+  (full, g_full), (chunked, g_chunked) = (
+      jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, c) for c in (0, 300))
+  np.testing.assert_allclose(float(chunked), float(full), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_full)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_sft_steps_learn_and_a_nonfinite_step_is_skipped(token_data):
@@ -149,35 +180,50 @@ def test_sft_steps_learn_and_a_nonfinite_step_is_skipped(token_data):
   assert int(state["opt_state"][1][0].count) == 6
 
 
-def test_divergence_rolls_back_with_lower_lr(token_data, tmp_path):
+def test_divergence_rolls_back_with_lower_lr_without_recompiling(token_data, tmp_path):
   # A learning rate of 1e30 from step 5 blows the weights up to ~1e30, so the
   # RMSNorm statistics overflow and every later loss is NaN: two skipped steps,
   # then a rollback to the step-4 checkpoint with the rate scaled to 1e-2.
   cfg = _config(**{"data.source": token_data, "optimizer.learning_rate": 1e-3,
                    "optimizer.drop_step": 4, "optimizer.drop_learning_rate": 1e30,
                    "optimizer.decay_steps": 0, "rollback_lr_scale": 1e-32,
-                   "max_nonfinite_in_a_row": 2, "total_steps": 10})
-  result = train.train_and_evaluate(cfg, str(tmp_path))
+                   "max_nonfinite_in_a_row": 2, "total_steps": 10, "log_every": 1})
+  compiles = []
+
+  def count(event, duration, fun_name="", **kwargs):  # pylint: disable=unused-argument
+    if event == "/jax/core/compile/backend_compile_duration" and fun_name == "jit(train_step)":
+      compiles.append(fun_name)
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    result = train.train_and_evaluate(cfg, str(tmp_path))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
   assert result["rollbacks"] == 1 and result["skipped_steps"] == 2, result
   assert np.isfinite(result["loss"]) and result["step"] == 10
+  assert len(compiles) == 1, compiles  # the scaled learning rate is a traced input
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 5, 6, 7, 8, 9, 10], rows
+  assert [r["finite"] for r in rows[5:7]] == [0, 0]
+  np.testing.assert_allclose([r["lr"] for r in rows[7:]], 1e-2, rtol=1e-5)
 
 
 def test_resume_after_kill_9_is_exact(token_data, tmp_path):
-  changes = {"data.source": token_data}
+  changes = {"data.source": token_data, "log_every": 2}
   rc, out = _run(tmp_path / "straight", changes)
   assert rc == 0, out
-  rc, out = _run(tmp_path / "killed", {**changes, "debug_kill_at_step": 10})
+  rc, out = _run(tmp_path / "killed", changes, kill_at_step=10)
   assert rc == -signal.SIGKILL, out
+  assert sorted(_losses(tmp_path / "killed")) == [2, 4, 6, 8, 10]
   rc, out = _run(tmp_path / "killed", changes)
   assert rc == 0, out
   assert "resumed from step 8" in out or "resumed from step 4" in out, out
   straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
-  assert sorted(straight) == sorted(resumed) == list(range(1, 13))
+  assert sorted(straight) == sorted(resumed) == [2, 4, 6, 8, 10, 12]  # log steps only
   assert resumed == straight  # bit-identical losses, data included
 
 
 def test_sigterm_saves_and_exits_0(token_data, tmp_path):
-  proc = _run(tmp_path, {"data.source": token_data, "total_steps": 100000,
+  proc = _run(tmp_path, {"data.source": token_data, "total_steps": 100000, "log_every": 1,
                          "checkpoint.every_steps": 100000}, wait=False)
   metrics = tmp_path / "metrics.jsonl"
   deadline = time.time() + 90
@@ -218,3 +264,17 @@ def test_fine_tune_from_hf_fixture_then_load_and_sample_the_workdir(fixture_dir,
   assert sample.main(["--checkpoint", workdir, "--prompt", "The", "--gen_length", "8",
                       "--steps", "8", "--block_length", "8"]) == 0
   assert capsys.readouterr().out.strip()
+
+
+def _kill_at(step):
+  """An `on_step` hook: SIGKILL this process once `step` has ended (fault injection)."""
+  def on_step(done):
+    if done == step:
+      os.kill(os.getpid(), signal.SIGKILL)
+  return on_step
+
+
+if __name__ == "__main__":
+  train.define_flags()
+  flags.DEFINE_integer("kill_at_step", -1, "SIGKILL the run once this step has ended")
+  app.run(lambda argv: train.main(argv, on_step=_kill_at(flags.FLAGS.kill_at_step)))

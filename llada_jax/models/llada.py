@@ -155,8 +155,11 @@ class Transformer(nnx.Module):
     return sharding.constrain(x, names, self.rules, self.mesh)
 
   def _run(self, ids_BW, mask_BS, start, cache: KVCache | None, return_kv: bool,
-           fresh_from=None):
-    """Embed -> scanned layers -> head, for positions start…start+W−1."""
+           fresh_from=None, head: bool = True):
+    """Embed -> scanned layers -> ln_f -> head, for positions start…start+W−1.
+
+    `head=False` stops after ln_f: (hidden states [B, W, D], None).
+    """
     cfg = self.config
     dt = DTYPES[cfg.dtype]
     ids_BW = jnp.asarray(ids_BW, jnp.int32)
@@ -185,7 +188,9 @@ class Transformer(nnx.Module):
         outs.append(kv_i)
       kv = jax.tree.map(lambda *a: jnp.stack(a), *outs) if return_kv else None
     x_BWD = rms_norm(x_BWD, self.ln_f[...], cfg.rms_norm_eps)
-    head_DV = self.wte[...].T if cfg.weight_tying else self.ff_out[...]
+    if not head:
+      return x_BWD, None
+    head_DV = self.head_DV()
     logits_BWV = jnp.einsum("bwd,dv->bwv", x_BWD, head_DV.astype(dt),
                             preferred_element_type=jnp.float32)
     if cfg.scale_logits:
@@ -224,6 +229,19 @@ class Transformer(nnx.Module):
     graphdef, state = nnx.split(self)
     mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     return apply(graphdef, state, jnp.asarray(input_ids, jnp.int32), mask)
+
+  def forward_hidden(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None
+                     ) -> jax.Array:
+    """`forward` up to the output head: final normed hidden states [B, L, D] (compute dtype).
+
+    The logits are x_BLD @ `head_DV()` (float32 accumulation), times
+    1/sqrt(d_model) when `scale_logits`; losses that chunk the vocabulary use this.
+    """
+    return self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=False, head=False)[0]
+
+  def head_DV(self) -> jax.Array:
+    """The output head [D, V] (param dtype): `ff_out`, or the embedding transposed if tied."""
+    return self.wte[...].T if self.config.weight_tying else self.ff_out[...]
 
 
 @jax.jit  # graphdef is a static pytree node

@@ -180,10 +180,13 @@ def _pack(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:
 
 def train_dataset(docs: grain.MapDataset, tokenizer, *, kind: str, seq_len: int,
                   batch_size: int, seed: int, eos_id: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                  process_index: int = 0, process_count: int = 1,
+                  prefetch: int = 0) -> grain.IterDataset:
   """Endless shuffled batches ({"input_ids": [b, L]} (+ "prompt_len": [b])) of one host.
 
-  `batch_size` is this host's share of the global batch.
+  `batch_size` is this host's share of the global batch. `prefetch` > 0: a
+  background thread keeps that many batches ready (tokenising and packing while
+  the device trains); the iterator state still counts only the batches taken.
   """
   if len(docs) < process_count:
     raise ValueError(f"{len(docs)} documents cannot be split over {process_count} hosts")
@@ -195,7 +198,10 @@ def train_dataset(docs: grain.MapDataset, tokenizer, *, kind: str, seq_len: int,
     rows = ds.map(lambda d: sft_example(d, tokenizer, seq_len)).to_iter_dataset()
   else:
     raise ValueError(f"data kind {kind!r} is not 'pretrain' or 'sft'")
-  return rows.batch(batch_size, drop_remainder=True)
+  batches = rows.batch(batch_size, drop_remainder=True)
+  if prefetch:
+    batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
+  return batches
 
 
 def eval_batches(docs: grain.MapDataset, tokenizer, *, kind: str, seq_len: int,

@@ -1,9 +1,11 @@
 """Masked-diffusion training objectives of LLaDA (SPEC §5), as pure functions.
 
 A step draws the noise for the whole batch first (`pretrain_noise`,
-`sft_noise`), then scores logits with `masked_loss`; splitting the two lets
-gradient accumulation over micro-batches see exactly the noise of one large
-batch. Shapes: B batch, L length, V logit columns.
+`sft_noise`), then scores logits with `masked_loss` (or, without ever forming
+the [B, L, V] logits, final hidden states and the output head with
+`chunked_masked_loss`); splitting the two lets gradient accumulation over
+micro-batches see exactly the noise of one large batch. Shapes: B batch,
+L length, D d_model, V logit columns.
 
 Pre-training: t ~ U(0, 1) per row, p_mask = (1 - eps) t + eps, each token
 masked with probability p_mask; loss = Σ_masked CE / p_mask / (B·L). 1% of
@@ -17,6 +19,7 @@ loss = (1/B) Σ_rows (1/answer_len) Σ_masked CE / p_mask.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -87,14 +90,120 @@ def sft_noise(rng: jax.Array, ids_BL: jax.Array, prompt_len_B: jax.Array, mask_i
                jnp.ones((B, L), jnp.int32))
 
 
-def masked_loss(logits_BLV: jax.Array, targets_BL: jax.Array, noise: Noise) -> jax.Array:
-  """Σ over masked positions of CE / p_mask · weight: the batch's loss (nats)."""
+def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
+  """float32 CE [B, L] (nats) of the target column of every position."""
   logits_BLV = logits_BLV.astype(jnp.float32)
   logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
   target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
-  ce_BL = logz_BL - target_logit_BL
+  return logz_BL - target_logit_BL
+
+
+def weighted_loss(ce_BL: jax.Array, noise: Noise) -> jax.Array:
+  """Σ over masked positions of CE / p_mask · weight: the batch's loss (nats)."""
   terms_BL = jnp.where(noise.masked_BL, ce_BL / noise.p_mask_BL * noise.weight_BL, 0.0)
   return jnp.sum(terms_BL)
+
+
+def masked_loss(logits_BLV: jax.Array, targets_BL: jax.Array, noise: Noise) -> jax.Array:
+  """The batch's loss (nats) from full logits [B, L, V]."""
+  return weighted_loss(cross_entropy(logits_BLV, targets_BL), noise)
+
+
+def chunked_masked_loss(x_BLD: jax.Array, head_DV: jax.Array, targets_BL: jax.Array,
+                        noise: Noise, chunk: int, logit_scale: float = 1.0) -> jax.Array:
+  """`masked_loss` of logits = x @ head · logit_scale, never forming [B, L, V]."""
+  ce_BL = chunked_cross_entropy(x_BLD, head_DV, targets_BL, chunk, logit_scale)
+  return weighted_loss(ce_BL, noise)
+
+
+# ---- vocabulary-chunked cross-entropy ----------------------------------------
+# The head matmul and the logsumexp run over `chunk` columns of the vocabulary
+# at a time (lax.scan, online max/sum-exp), and the custom VJP recomputes each
+# chunk's logits in the backward: memory is O(B·L·chunk), not O(B·L·V). The last
+# chunk starts at V - chunk (so every chunk has the same static shape); its
+# columns already covered by the previous chunk are masked out.
+
+def _chunk_starts(V: int, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """(first column of each chunk's slice, first column the chunk counts), int32 [n]."""
+  n = -(-V // chunk)
+  lows = [i * chunk for i in range(n)]
+  return (jnp.asarray([min(lo, V - chunk) for lo in lows], jnp.int32),
+          jnp.asarray(lows, jnp.int32))
+
+
+def _chunk_logits(x_BLD, head_DV, start, low, chunk, logit_scale):
+  """(float32 logits [B, L, c] of columns start…start+c−1, -inf below `low`;
+  the column ids [c], -1 below `low`; the head's columns [D, c])."""
+  w_Dc = jax.lax.dynamic_slice_in_dim(head_DV, start, chunk, axis=1)
+  logits_BLc = jnp.einsum("bld,dc->blc", x_BLD, w_Dc, preferred_element_type=jnp.float32)
+  cols_c = start + jnp.arange(chunk)
+  counted_c = cols_c >= low
+  return (jnp.where(counted_c, logits_BLc * logit_scale, -jnp.inf),
+          jnp.where(counted_c, cols_c, -1), w_Dc)
+
+
+def _ce_forward(x_BLD, head_DV, targets_BL, chunk, logit_scale):
+  """(CE [B, L], logsumexp [B, L]), both float32."""
+  B, L, _ = x_BLD.shape
+
+  def body(carry, start_low):
+    max_BL, sum_BL, target_BL = carry
+    logits_BLc, cols_c, _ = _chunk_logits(x_BLD, head_DV, *start_low, chunk, logit_scale)
+    new_max_BL = jnp.maximum(max_BL, jnp.max(logits_BLc, axis=-1))
+    sum_BL = (sum_BL * jnp.exp(max_BL - new_max_BL)
+              + jnp.sum(jnp.exp(logits_BLc - new_max_BL[..., None]), axis=-1))
+    hit_BLc = cols_c == targets_BL[..., None]
+    target_BL = target_BL + jnp.sum(jnp.where(hit_BLc, logits_BLc, 0.0), axis=-1)
+    return (new_max_BL, sum_BL, target_BL), None
+
+  init = (jnp.full((B, L), -jnp.inf), jnp.zeros((B, L)), jnp.zeros((B, L)))
+  (max_BL, sum_BL, target_BL), _ = jax.lax.scan(
+      body, init, _chunk_starts(head_DV.shape[1], chunk))
+  logz_BL = max_BL + jnp.log(sum_BL)
+  return logz_BL - target_BL, logz_BL
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def chunked_cross_entropy(x_BLD: jax.Array, head_DV: jax.Array, targets_BL: jax.Array,
+                          chunk: int, logit_scale: float = 1.0) -> jax.Array:
+  """float32 CE [B, L] of logits = (x_BLD @ head_DV) · logit_scale, `chunk` columns at a time.
+
+  x_BLD and head_DV share a dtype (the product accumulates in float32, as the
+  model's head); equals `cross_entropy` of the full logits to float tolerance.
+  """
+  return _ce_forward(x_BLD, head_DV, targets_BL, chunk, logit_scale)[0]
+
+
+def _ce_fwd(x_BLD, head_DV, targets_BL, chunk, logit_scale):
+  ce_BL, logz_BL = _ce_forward(x_BLD, head_DV, targets_BL, chunk, logit_scale)
+  return ce_BL, (x_BLD, head_DV, targets_BL, logz_BL)
+
+
+def _ce_bwd(chunk, logit_scale, residuals, g_BL):
+  """d CE/d logits = softmax − onehot, per chunk; -> (dx [B, L, D], dhead [D, V], None)."""
+  x_BLD, head_DV, targets_BL, logz_BL = residuals
+
+  def body(carry, start_low):
+    dx_BLD, dhead_DV = carry
+    start, _ = start_low
+    logits_BLc, cols_c, w_Dc = _chunk_logits(x_BLD, head_DV, *start_low, chunk, logit_scale)
+    probs_BLc = jnp.exp(logits_BLc - logz_BL[..., None])
+    onehot_BLc = cols_c == targets_BL[..., None]
+    dlogits_BLc = ((probs_BLc - onehot_BLc) * (g_BL[..., None] * logit_scale)).astype(x_BLD.dtype)
+    dx_BLD = dx_BLD + jnp.einsum("blc,dc->bld", dlogits_BLc, w_Dc,
+                                 preferred_element_type=jnp.float32)
+    dw_Dc = jnp.einsum("bld,blc->dc", x_BLD, dlogits_BLc, preferred_element_type=jnp.float32)
+    old_Dc = jax.lax.dynamic_slice_in_dim(dhead_DV, start, chunk, axis=1)
+    dhead_DV = jax.lax.dynamic_update_slice_in_dim(
+        dhead_DV, old_Dc + dw_Dc.astype(dhead_DV.dtype), start, axis=1)
+    return (dx_BLD, dhead_DV), None
+
+  init = (jnp.zeros(x_BLD.shape, jnp.float32), jnp.zeros_like(head_DV))
+  (dx_BLD, dhead_DV), _ = jax.lax.scan(body, init, _chunk_starts(head_DV.shape[1], chunk))
+  return dx_BLD.astype(x_BLD.dtype), dhead_DV, None
+
+
+chunked_cross_entropy.defvjp(_ce_fwd, _ce_bwd)
 
 
 def elbo_noise(rng: jax.Array, ids_BL: jax.Array, mask_id: int,

@@ -57,13 +57,15 @@ def make_optimizer(schedule: optax.Schedule, *, weight_decay: float = 0.1,
   return optax.chain(*parts)
 
 
-def from_config(cfg: Any, lr_scale: float = 1.0) -> tuple[optax.GradientTransformation,
-                                                         optax.Schedule]:
-  """(optimizer, schedule) from a config's `optimizer` and `total_steps` fields."""
+def from_config(cfg: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, schedule) from a config's `optimizer` and `total_steps` fields.
+
+  A rollback's lower learning rate is not baked in here: the train step scales
+  the updates by a traced factor, so it keeps its compiled program.
+  """
   o = cfg.optimizer
   schedule = wsd_schedule(o.learning_rate, cfg.total_steps, o.warmup_steps, o.decay_steps,
-                          o.final_learning_rate, o.drop_step, o.drop_learning_rate,
-                          scale=lr_scale)
+                          o.final_learning_rate, o.drop_step, o.drop_learning_rate)
   tx = make_optimizer(schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
                       clip_norm=o.clip_norm)
   return tx, schedule

@@ -15,7 +15,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -62,13 +61,33 @@ def make_noise(rng: jax.Array, batch: dict[str, jax.Array], kind: str, mask_id: 
   return objectives.pretrain_noise(rng, batch["input_ids"], mask_id)
 
 
+def model_loss(model: model_lib.Transformer, ids_BL: jax.Array, noise: objectives.Noise,
+               vocab_chunk: int = 0) -> jax.Array:
+  """The masked-diffusion loss (nats) of `model` on `noise.noisy_BL`.
+
+  vocab_chunk > 0 (and < V): cross-entropy over chunks of that many vocabulary
+  columns from the final hidden states, never forming the [B, L, V] logits;
+  0: from the model's full float32 logits. Equal to float tolerance.
+  """
+  cfg = model.config
+  if not 0 < vocab_chunk < cfg.embedding_size:
+    logits_BLV = model.forward(noise.noisy_BL, noise.attention_mask_BL)
+    return objectives.masked_loss(logits_BLV, ids_BL, noise)
+  x_BLD = model.forward_hidden(noise.noisy_BL, noise.attention_mask_BL)
+  scale = 1.0 / math.sqrt(cfg.d_model) if cfg.scale_logits else 1.0
+  return objectives.chunked_masked_loss(x_BLD, model.head_DV().astype(x_BLD.dtype), ids_BL,
+                                        noise, vocab_chunk, scale)
+
+
 def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
                model_cfg: ModelConfig, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, kind: str, micro_batches: int, seed: int
-               ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+               schedule: optax.Schedule, kind: str, micro_batches: int, seed: int,
+               vocab_chunk: int = 0) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One optimiser step on a global batch.
 
-  state: {"params": float32 param pytree, "opt_state", "step": int32 []}.
+  state: {"params": float32 param pytree, "opt_state", "step": int32 [],
+    "lr_scale": float32 [] (the rollbacks' factor on the schedule; traced, so
+    changing it reuses the compiled step)}.
   batch: {"input_ids": int32 [B, L]} (+ "prompt_len": int32 [B] for SFT).
   A non-finite loss or gradient leaves params and optimiser state untouched
   (metrics["finite"] = 0); the step counter advances either way.
@@ -78,31 +97,33 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: 
 
   def loss_fn(params, mb):
     ids_BL, nz = mb
-    logits_BLV = nnx.merge(graphdef, params).forward(nz.noisy_BL, nz.attention_mask_BL)
-    return objectives.masked_loss(logits_BLV, ids_BL, nz), jnp.sum(nz.masked_BL)
+    loss = model_loss(nnx.merge(graphdef, params), ids_BL, nz, vocab_chunk)
+    return loss, jnp.sum(nz.masked_BL)
 
   loss, grads, masked = optimizer_lib.accumulate_gradients(
       loss_fn, state["params"], (batch["input_ids"], noise), micro_batches)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  # AdamW's update is -lr · (...), so scaling it scales the learning rate.
+  updates = jax.tree.map(lambda u: u * state["lr_scale"].astype(u.dtype), updates)
   params = optax.apply_updates(state["params"], updates)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = {"params": keep(params, state["params"]),
                "opt_state": keep(opt_state, state["opt_state"]),
-               "step": state["step"] + 1}
+               "step": state["step"] + 1, "lr_scale": state["lr_scale"]}
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.int32),
-             "lr": schedule(state["step"]), "masked_tokens": masked}
+             "lr": schedule(state["step"]) * state["lr_scale"], "masked_tokens": masked}
   return new_state, metrics
 
 
 def eval_step(params: dict[str, Any], batch: dict[str, jax.Array], rng: jax.Array, *,
-              graphdef: nnx.GraphDef, model_cfg: ModelConfig) -> jax.Array:
+              graphdef: nnx.GraphDef, model_cfg: ModelConfig, vocab_chunk: int = 0
+              ) -> jax.Array:
   """Negative ELBO (nats per scored token) of a held-out batch, one noise draw."""
   noise = objectives.elbo_noise(rng, batch["input_ids"], model_cfg.mask_token_id,
                                 batch.get("prompt_len"))
-  logits_BLV = nnx.merge(graphdef, params).forward(noise.noisy_BL)
-  return objectives.masked_loss(logits_BLV, batch["input_ids"], noise)
+  return model_loss(nnx.merge(graphdef, params), batch["input_ids"], noise, vocab_chunk)
 
 
 # ---- sharded state ----------------------------------------------------------------
@@ -136,23 +157,26 @@ def state_shardings(graphdef_state: nnx.State, tx: optax.GradientTransformation,
   replicated = NamedSharding(mesh, P())
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abs, param_sh,
                                  transform_non_params=lambda _: replicated)
-  shardings = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+  shardings = {"params": param_sh, "opt_state": opt_sh, "step": replicated,
+               "lr_scale": replicated}
   abstract = {"params": params_abs, "opt_state": opt_abs,
-              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+              "step": jax.ShapeDtypeStruct((), jnp.int32),
+              "lr_scale": jax.ShapeDtypeStruct((), jnp.float32)}
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return abstract, shardings
 
 
 def compile_train_step(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh,
-                       lr_scale: float = 1.0, rules=sharding.DEFAULT_RULES):
-  """(jitted step, abstract state with shardings, schedule, graphdef) for `cfg` on `mesh`."""
+                       rules=sharding.DEFAULT_RULES):
+  """(jitted step, abstract state with shardings, optimizer, graphdef) for `cfg` on `mesh`."""
   graphdef, abstract_params = nnx.split(model_lib.abstract(model_cfg, mesh=mesh, rules=rules))
-  tx, schedule = optimizer_lib.from_config(cfg, lr_scale)
+  tx, schedule = optimizer_lib.from_config(cfg)
   abstract, shardings = state_shardings(abstract_params, tx, mesh, rules)
   step_fn = functools.partial(train_step, graphdef=graphdef, model_cfg=model_cfg, tx=tx,
                               schedule=schedule, kind=cfg.kind,
-                              micro_batches=cfg.micro_batches, seed=cfg.seed)
+                              micro_batches=cfg.micro_batches, seed=cfg.seed,
+                              vocab_chunk=cfg.loss_vocab_chunk)
   batch_sh = batch_shardings(mesh, cfg.kind, rules)
   jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh),
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
@@ -169,8 +193,14 @@ def init_state(cfg, model_cfg: ModelConfig, abstract: dict[str, Any],
   params = jax.device_put(jax.tree.map(lambda x: x.astype(jnp.float32), init_params),
                           shardings["params"])
   opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-  step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
-  return {"params": params, "opt_state": opt_state, "step": step}
+  return counters(abstract, {"params": params, "opt_state": opt_state}, 0, 1.0)
+
+
+def counters(abstract: dict[str, Any], state: dict[str, Any], step: int, lr_scale: float
+             ) -> dict[str, Any]:
+  """`state` (params, opt_state) with the step counter and learning-rate scale put on device."""
+  return {**state, "step": jax.device_put(jnp.int32(step), abstract["step"].sharding),
+          "lr_scale": jax.device_put(jnp.float32(lr_scale), abstract["lr_scale"].sharding)}
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -280,6 +310,96 @@ class _Preemption:
     self.requested = True
 
 
+class _StepEnd:
+  """The host's end of a step, once its results are read: non-finite steps are
+  counted; log steps get a metrics.jsonl row, a log line and TensorBoard scalars.
+
+  Other steps read one scalar (`finite`) from the device, so the host can stay
+  a step ahead of it.
+  """
+
+  def __init__(self, cfg, meta: dict[str, Any], progress, metrics_file, writer,
+               flops_per_step: float, peak: float, on_step: Callable[[int], None] | None):
+    self.cfg, self.meta, self.progress = cfg, meta, progress
+    self.metrics_file, self.writer, self.on_step = metrics_file, writer, on_step
+    self.flops_per_step, self.peak = flops_per_step, peak  # per device
+    self.in_a_row = 0
+    self.last = {"loss": float("nan")}
+    self.restart(progress.n)
+
+  def restart(self, step: int) -> None:
+    """A new throughput window (after a pause: evaluation, rollback) at `step`."""
+    self.window_t, self.window_steps = time.time(), 0
+    if step != self.progress.n:
+      self.progress.reset(total=self.cfg.total_steps)
+      self.progress.update(step)
+
+  def __call__(self, step: int, metrics: dict[str, jax.Array], read_all: bool = False) -> bool:
+    """Ends `step`; True if it is the last of too many non-finite steps in a row."""
+    cfg = self.cfg
+    log_now = step % cfg.log_every == 0 or step == cfg.total_steps
+    if log_now or read_all:
+      self.last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      finite = bool(self.last["finite"])
+    else:
+      finite = bool(metrics["finite"])  # waits for the step
+    self.window_steps += 1
+    self.progress.update(1)
+    if log_now and self.metrics_file:
+      self.metrics_file.write(json.dumps({"step": step, **self.last}) + "\n")
+      self.metrics_file.flush()
+    if not finite:
+      self.meta["skipped_steps"] += 1
+      self.in_a_row += 1
+      log(f"step {step}: non-finite loss/gradient, skipped ({self.in_a_row} in a row)")
+      if self.in_a_row >= cfg.max_nonfinite_in_a_row:
+        return True
+    else:
+      self.in_a_row = 0
+    self.meta["step"] = step
+    if log_now:
+      self._log(step)
+    if self.on_step:
+      self.on_step(step)
+    return False
+
+  def _log(self, step: int) -> None:
+    elapsed = time.time() - self.window_t
+    steps_s = self.window_steps / max(elapsed, 1e-9)
+    tok_s = steps_s * self.cfg.batch_size * self.cfg.seq_len
+    tflops = steps_s * self.flops_per_step / 1e12
+    last = self.last
+    line = {"loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"],
+            "tokens_per_s": tok_s, "tflops_per_device": tflops,
+            "mfu": tflops * 1e12 / self.peak, "skipped_steps": self.meta["skipped_steps"]}
+    log(f"step {step}/{self.cfg.total_steps} loss {line['loss']:.4f} lr {line['lr']:.3g} "
+        f"grad_norm {line['grad_norm']:.3f} tokens/s {tok_s:,.0f} "
+        f"TFLOP/s/device {tflops:.4g} MFU {100 * line['mfu']:.2f}% "
+        f"skipped {self.meta['skipped_steps']}")
+    _scalars(self.writer, step, line)
+    self.window_t, self.window_steps = time.time(), 0
+
+
+def _roll_back(cfg, mngr, abstract: dict[str, Any], iterator, meta: dict[str, Any], step: int,
+               in_a_row: int) -> tuple[dict[str, Any], int]:
+  """(state, step) of the latest checkpoint, the learning rate scaled down; the
+  data iterator is restored with it. Same compiled step: the scale is traced."""
+  mngr.wait_until_finished()
+  back = mngr.latest_step()
+  if back is None:
+    raise RuntimeError(f"{in_a_row} non-finite steps in a row and no checkpoint to "
+                       "roll back to")
+  if meta["rollbacks"] >= cfg.max_rollbacks:
+    raise RuntimeError(f"{in_a_row} non-finite steps in a row after {meta['rollbacks']}"
+                       f" rollbacks (config.max_rollbacks); giving up at step {step}")
+  meta["lr_scale"] *= cfg.rollback_lr_scale
+  restored, _ = workdir_lib.restore(mngr, back, abstract, iterator)
+  meta["rollbacks"] += 1
+  log(f"rolled back to step {back} with the learning rate scaled by {meta['lr_scale']:g}"
+      f" (was at step {step})")
+  return counters(abstract, restored, back, meta["lr_scale"]), back
+
+
 def evaluate(eval_fn: Callable, params, batches, mesh: Mesh, samples: int, seed: int) -> float:
   """Held-out negative ELBO in bits per scored token (mean over batches and draws)."""
   total = 0.0
@@ -287,12 +407,17 @@ def evaluate(eval_fn: Callable, params, batches, mesh: Mesh, samples: int, seed:
     gb = global_batch(_host_rows(batch), mesh)
     for j in range(samples):
       rng = jax.random.fold_in(jax.random.key(seed + 1), i * samples + j)
-      total += float(eval_fn(params, gb, rng))
-  return total / (len(batches) * samples) / math.log(2)
+      total = total + eval_fn(params, gb, rng)  # summed on device, read once
+  return float(total) / (len(batches) * samples) / math.log(2)
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) in `workdir`; returns the final metrics."""
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
+                       on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+  """Trains (or resumes) in `workdir`; returns the final metrics.
+
+  `on_step(step)` (optional) runs on the host after each step has ended there
+  (checked, logged), before a checkpoint of that step is started.
+  """
   t_start = time.time()
   _check_config(cfg)
   workdir = os.path.abspath(workdir)
@@ -307,7 +432,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   pc, pi = jax.process_count(), jax.process_index()
   dataset = data_lib.train_dataset(
       train_docs, tokenizer, kind=cfg.kind, seq_len=cfg.seq_len, batch_size=cfg.batch_size // pc,
-      seed=cfg.seed, eos_id=model_cfg.eos_token_id, process_index=pi, process_count=pc)
+      seed=cfg.seed, eos_id=model_cfg.eos_token_id, process_index=pi, process_count=pc,
+      prefetch=cfg.data.prefetch)
   iterator = iter(dataset)
   evals = data_lib.eval_batches(eval_docs, tokenizer, kind=cfg.kind, seq_len=cfg.seq_len,
                                 batch_size=cfg.eval_batch_size, num_batches=cfg.eval_batches,
@@ -320,9 +446,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   step_fn, abstract, tx, graphdef = compile_train_step(cfg, model_cfg, mesh)
   if latest is not None:
     restored, meta = workdir_lib.restore(mngr, latest, abstract, iterator)
-    if meta["lr_scale"] != 1.0:
-      step_fn, abstract, tx, graphdef = compile_train_step(cfg, model_cfg, mesh, meta["lr_scale"])
-    state = {**restored, "step": jax.device_put(jnp.int32(latest), abstract["step"].sharding)}
+    state = counters(abstract, restored, latest, meta["lr_scale"])
     log(f"resumed from step {latest} of {layout.checkpoint_dir(workdir)}")
   else:
     init_params = None
@@ -332,13 +456,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       init_params = nnx.to_pure_dict(nnx.split(loaded)[1])
       log(f"initialised from {cfg.init_from}")
     state = init_state(cfg, model_cfg, abstract, tx, init_params)
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, model_cfg=model_cfg))
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, model_cfg=model_cfg,
+                                      vocab_chunk=cfg.loss_vocab_chunk))
 
   n_devices = jax.device_count()
   peak, peak_source = ((cfg.peak_flops, "config") if cfg.peak_flops
                        else flops_lib.peak_flops_per_device())
-  flops_per_token = flops_lib.flops_per_token(model_cfg, cfg.seq_len)
-  tokens_per_step = cfg.batch_size * cfg.seq_len
   log(f"model: {model_cfg.num_params():,} parameters; mesh {dict(mesh.shape)} on "
       f"{n_devices} {jax.devices()[0].platform} device(s); peak {peak / 1e12:.3g} TFLOP/s "
       f"per device ({peak_source}); held-out unigram entropy {unigram_bits:.3f} bits/token")
@@ -346,83 +469,60 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   writer = _summary_writer(workdir)
   metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if pi == 0 else None
   preemption = _Preemption()
-  progress = _progress(cfg.total_steps, latest or 0)
   step = int(latest or 0)
-  in_a_row = 0
-  last = {"loss": float("nan")}
-  window_t, window_steps = time.time(), 0
+  flops_per_step = (cfg.batch_size * cfg.seq_len
+                    * flops_lib.flops_per_token(model_cfg, cfg.seq_len) / n_devices)
+  step_end = _StepEnd(cfg, meta, _progress(cfg.total_steps, step), metrics_file, writer,
+                    flops_per_step, peak, on_step)
+  # The host runs one step ahead: step n+1 is dispatched (and its batch made)
+  # before step n's metrics are read. Checkpoints, evaluations and preemption
+  # need step n's state, so there the host waits for step n first.
+  pending = None  # (step, metrics) dispatched but not yet ended on the host
+  batch = global_batch(next(iterator), mesh) if step < cfg.total_steps else None
   while step < cfg.total_steps:
-    batch = global_batch(next(iterator), mesh)
     state, metrics = step_fn(state, batch)
     step += 1
-    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    window_steps += 1
-    progress.update(1)
-    if metrics_file:
-      metrics_file.write(json.dumps({"step": step, **last}) + "\n")
-      metrics_file.flush()
-    if not last["finite"]:
-      meta["skipped_steps"] += 1
-      in_a_row += 1
-      log(f"step {step}: non-finite loss/gradient, skipped ({in_a_row} in a row)")
-      if in_a_row >= cfg.max_nonfinite_in_a_row:
-        mngr.wait_until_finished()
-        back = mngr.latest_step()
-        if back is None:
-          raise RuntimeError(f"{in_a_row} non-finite steps in a row and no checkpoint to "
-                             "roll back to")
-        if meta["rollbacks"] >= cfg.max_rollbacks:
-          raise RuntimeError(f"{in_a_row} non-finite steps in a row after {meta['rollbacks']}"
-                             f" rollbacks (config.max_rollbacks); giving up at step {step}")
-        meta["lr_scale"] *= cfg.rollback_lr_scale
-        step_fn, abstract, tx, graphdef = compile_train_step(cfg, model_cfg, mesh,
-                                                             meta["lr_scale"])
-        restored, old_meta = workdir_lib.restore(mngr, back, abstract, iterator)
-        state = {**restored, "step": jax.device_put(jnp.int32(back), abstract["step"].sharding)}
-        meta["rollbacks"] += 1
-        log(f"rolled back to step {back} with the learning rate scaled by {meta['lr_scale']:g}"
-            f" (was at step {step})")
-        del old_meta
-        step, in_a_row = back, 0
-        progress.reset(total=cfg.total_steps)
-        progress.update(step)
-        continue
-    else:
-      in_a_row = 0
-    meta["step"] = step
-    if step == cfg.debug_kill_at_step:
-      os.kill(os.getpid(), signal.SIGKILL)
-    if mngr.should_save(step):
+    preempted = preemption.requested or (pc > 1 and mngr.reached_preemption(step))
+    eval_now = bool(cfg.eval_every) and step % cfg.eval_every == 0 and step < cfg.total_steps
+    save_now = mngr.should_save(step)
+    sync = step == cfg.total_steps or save_now or eval_now or preempted
+    if not sync:
+      batch = global_batch(next(iterator), mesh)
+    ending = ([pending] if pending else []) + ([(step, metrics)] if sync else [])
+    pending = None if sync else (step, metrics)
+    diverged = None
+    for s, m in ending:
+      if step_end(s, m, read_all=sync):
+        diverged = s
+        break
+    if diverged is not None:
+      state, step = _roll_back(cfg, mngr, abstract, iterator, meta, diverged, step_end.in_a_row)
+      step_end.restart(step)
+      pending, batch = None, global_batch(next(iterator), mesh)
+      continue
+    if not sync:
+      continue
+    if save_now:
       workdir_lib.save(mngr, step, state, iterator, meta)
-    if step % cfg.log_every == 0 or step == cfg.total_steps:
-      elapsed = time.time() - window_t
-      tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-      tflops = tok_s * flops_per_token / n_devices / 1e12
-      line = {"loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"],
-              "tokens_per_s": tok_s, "tflops_per_device": tflops,
-              "mfu": tflops * 1e12 / peak, "skipped_steps": meta["skipped_steps"]}
-      log(f"step {step}/{cfg.total_steps} loss {line['loss']:.4f} lr {line['lr']:.3g} "
-          f"grad_norm {line['grad_norm']:.3f} tokens/s {tok_s:,.0f} "
-          f"TFLOP/s/device {tflops:.4g} MFU {100 * line['mfu']:.2f}% "
-          f"skipped {meta['skipped_steps']}")
-      _scalars(writer, step, line)
-      window_t, window_steps = time.time(), 0
-    if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
+    if eval_now:
       bits = evaluate(eval_fn, state["params"], evals, mesh, cfg.eval_samples, cfg.seed)
       log(f"step {step}: held-out ELBO {bits:.4f} bits/token "
           f"(unigram entropy {unigram_bits:.4f})")
       _scalars(writer, step, {"eval_elbo_bits_per_token": bits})
-      window_t = time.time()
-    if preemption.requested or (pc > 1 and mngr.reached_preemption(step)):
+      step_end.restart(step)
+    if preempted:
       workdir_lib.save(mngr, step, state, iterator, meta, force=True)
       mngr.wait_until_finished()
       log(f"preempted: saved step {step}, exiting")
-      progress.close()
+      step_end.progress.close()
       return {"step": step, "preempted": True, "skipped_steps": meta["skipped_steps"],
-              "rollbacks": meta["rollbacks"], **last}
+              "rollbacks": meta["rollbacks"], **step_end.last}
+    if step < cfg.total_steps:
+      batch = global_batch(next(iterator), mesh)
+  last = step_end.last
   if mngr.latest_step() != step:
     workdir_lib.save(mngr, step, state, iterator, meta, force=True)
-  progress.close()
+  step_end.progress.close()
   bits = evaluate(eval_fn, state["params"], evals, mesh, cfg.eval_samples, cfg.seed)
   _scalars(writer, step, {"eval_elbo_bits_per_token": bits})
   write_samples(cfg, graphdef, state["params"], evals, tokenizer, mesh)
@@ -495,16 +595,16 @@ def _multihost_environment() -> bool:
   return "," in hosts or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
 
 
-def main(argv) -> None:
+def main(argv, on_step: Callable[[int], None] | None = None) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   cfg = flags.FLAGS.config
   if cfg.distributed or _multihost_environment():
     jax.distributed.initialize()
-  train_and_evaluate(cfg, flags.FLAGS.workdir)
+  train_and_evaluate(cfg, flags.FLAGS.workdir, on_step)
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs, model files)")
@@ -512,5 +612,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   app.run(main)
