@@ -1,6 +1,6 @@
 """Multi-turn chat in the terminal, as the reference chat.py (SPEC §6).
 
-  python -m llada_jax.chat --checkpoint DIR [--tokenizer DIR] [sampler flags]
+  python -m llada_jax.chat --checkpoint DIR|OWNER/NAME [--tokenizer DIR] [sampler flags]
 
 Each user turn is rendered with the chat template; later turns drop their
 leading BOS and are appended to the history, which is the previous prompt plus
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
 import sys
 import time
 from typing import Any, Iterator, Sequence
@@ -217,16 +216,15 @@ def front_end_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def load_front_end(parser: argparse.ArgumentParser, args: argparse.Namespace):
   """Checks the flags (parser.error on bad ones) before loading anything heavy
   -> (model, tokenizer, sampler settings)."""
-  if not os.path.isdir(args.checkpoint):
-    parser.error(f"--checkpoint: {args.checkpoint} is not a directory")
   settings = settings_lib.sampler_settings(args)
   try:
     settings_lib.check_settings(settings)
-    tok = load_tokenizer(args.tokenizer or args.checkpoint)
+    checkpoint, tokenizer = settings_lib.model_paths(args.checkpoint, args.tokenizer)
+    tok = load_tokenizer(tokenizer)
     tok.apply_chat_template([])  # the chat tokens exist
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
-  return loading.load(args.checkpoint, dtype=args.dtype), tok, settings
+  return loading.load(checkpoint, dtype=args.dtype), tok, settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:

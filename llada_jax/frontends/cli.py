@@ -1,6 +1,7 @@
 """Command line sampling: one prompt, or a JSONL file of prompts in padded batches.
 
-  python -m llada_jax.sample --checkpoint DIR [--tokenizer DIR] --prompt "..." [--chat] [flags]
+  python -m llada_jax.sample --checkpoint DIR|OWNER/NAME [--tokenizer DIR] --prompt "..." \\
+      [--chat] [flags]
   python -m llada_jax.sample --checkpoint DIR --input prompts.jsonl --output out.jsonl \\
       [--batch_size 16] [--chat] [flags]
 
@@ -152,17 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       parser.error(f"--output: directory {out_dir} does not exist")
   if args.batch_size < 1:
     parser.error(f"--batch_size: expected a positive integer, got {args.batch_size}")
-  if not os.path.isdir(args.checkpoint):
-    parser.error(f"--checkpoint: {args.checkpoint} is not a directory")
   defaults = settings_lib.sampler_settings(args)
   try:
     settings_lib.check_settings(defaults)
-    tok = load_tokenizer(args.tokenizer or args.checkpoint)
+    checkpoint, tokenizer = settings_lib.model_paths(args.checkpoint, args.tokenizer)
+    tok = load_tokenizer(tokenizer)
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
 
   import llada_jax  # pylint: disable=g-import-not-at-top
-  model = llada_jax.load(args.checkpoint, dtype=args.dtype)
+  model = llada_jax.load(checkpoint, dtype=args.dtype)
   if args.input is not None:
     stats = run_file(model, tok, args.input, args.output, batch_size=args.batch_size,
                      chat=args.chat, defaults=defaults)

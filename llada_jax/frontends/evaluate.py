@@ -10,7 +10,8 @@ to lm-eval's CLI. The class also works with `lm_eval.simple_evaluate(
 model="llada_jax", model_args={...})` once this module is imported.
 
 Model args: `checkpoint` (a model directory: HF snapshot, converted dir or
-training workdir), `tokenizer` (default: the checkpoint), `dtype`
+training workdir; or a Hub id owner/name[@revision]), `tokenizer` (default:
+the checkpoint), `dtype`
 (float32 | bfloat16), `mesh` (e.g. `1x-1x1`: data x fsdp x tensor, -1 = the
 rest; default: one device), `mc_num` and `mc_batch_size` (SPEC §4's Monte Carlo
 samples and mini-batch), `cfg` (likelihood guidance scale), `seed`,
@@ -46,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Any, Sequence
 
@@ -121,8 +121,6 @@ def parse_model_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
   gen = {name: convert_arg(name, args.get(name, default), default)
          for name, default in settings_lib.SAMPLER_ARGS.items()}
   # Every check that needs no model, before any is loaded.
-  if not os.path.isdir(str(out["checkpoint"])):
-    raise ValueError(f"model_args: checkpoint={out['checkpoint']} is not a directory")
   settings_lib.check_settings({**gen, "seed": out["seed"]})
   out["mc_num"] = sampling.positive_int("mc_num", out["mc_num"])
   out["mc_batch_size"] = min(sampling.positive_int("mc_batch_size", out["mc_batch_size"]),
@@ -141,6 +139,12 @@ def parse_model_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
   if out["max_length"] is not None:
     out["max_length"] = sampling.positive_int(
         "max_length", convert_arg("max_length", out["max_length"], 0))
+  try:  # last: a Hub id may download
+    out["checkpoint"], out["tokenizer"] = settings_lib.model_paths(
+        str(out["checkpoint"]), out["tokenizer"],
+        names=("model_args: checkpoint=", "model_args: tokenizer="))
+  except FileNotFoundError as e:
+    raise ValueError(str(e)) from e
   return out, gen
 
 
@@ -183,7 +187,7 @@ class LLaDAEval(LM):
       log.info("device=%s ignored: JAX runs on its default backend (%s)", settings["device"],
                jax.default_backend())
     mesh = None if settings["mesh"] is None else sharding.make_mesh(parse_mesh(settings["mesh"]))
-    self.tok = load_tokenizer(settings["tokenizer"] or settings["checkpoint"])
+    self.tok = load_tokenizer(settings["tokenizer"])
     self.model = loading.load(settings["checkpoint"], dtype=settings["dtype"], mesh=mesh)
     cfg = self.model.config
     self.max_length = settings["max_length"] or cfg.max_sequence_length

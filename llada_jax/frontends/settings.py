@@ -1,5 +1,6 @@
-"""What every front end shares: the sampler and model flags, the settings check,
-and the one rule that pads prompts into few shapes.
+"""What every front end shares: the sampler and model flags (a model is a
+directory or a Hub id), the settings check, and the one rule that pads prompts
+into few shapes.
 
 Sampler flags carry `generate`'s argument names and defaults (taken from its
 signature, so a new sampler setting becomes a flag everywhere) plus --seed.
@@ -28,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from llada_jax.checkpoints import hub
 from llada_jax.sampling import kv_cache
 from llada_jax.sampling import sampler as sampling
 
@@ -70,10 +73,31 @@ def sampler_settings(args: argparse.Namespace) -> dict[str, Any]:
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
   """--checkpoint, --tokenizer, --dtype: the model a front end loads."""
   parser.add_argument("--checkpoint", required=True,
-                      help="model directory: HF snapshot, converted checkpoint or training workdir")
-  parser.add_argument("--tokenizer", help="tokenizer directory or file (default: --checkpoint)")
+                      help="model directory (HF snapshot, converted checkpoint or training "
+                      "workdir) or Hugging Face Hub id owner/name[@revision]")
+  parser.add_argument("--tokenizer",
+                      help="tokenizer directory, file or Hub id (default: --checkpoint's)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="compute and parameter dtype")
+
+
+def model_paths(checkpoint: str, tokenizer: str | None = None,
+                names: tuple[str, str] = ("--checkpoint: ", "--tokenizer: ")) -> tuple[str, str]:
+  """Local (model directory, tokenizer path) of the model flags: a directory, or a Hub
+  id (`hub.resolve_model_dir`: downloaded once into the Hub cache); the tokenizer
+  defaults to the model directory. Errors start with the flag's name from `names`."""
+  try:
+    checkpoint = hub.resolve_model_dir(checkpoint)
+  except (ValueError, FileNotFoundError) as e:
+    raise type(e)(f"{names[0]}{e}") from e
+  if tokenizer is None:
+    return checkpoint, checkpoint
+  if not os.path.exists(tokenizer) and hub.parse_hub_id(tokenizer):
+    try:
+      tokenizer = hub.resolve_model_dir(tokenizer)
+    except (ValueError, FileNotFoundError) as e:
+      raise type(e)(f"{names[1]}{e}") from e
+  return checkpoint, tokenizer
 
 
 def check_settings(settings: dict[str, Any], cfg=None, prompt_len: int = 0) -> None:
