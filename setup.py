@@ -13,6 +13,7 @@ CORE = [
     "ml_dtypes>=0.5",
     "safetensors>=0.4",
     "tokenizers>=0.20",
+    "huggingface_hub>=0.24",  # Hub ids as model directories (tokenizers needs it too)
     "sentencepiece>=0.2",
     "grain>=0.2.10",
     "tensorboardX>=2.6",

@@ -19,7 +19,7 @@ from absl import app, flags
 from benchmarks import common
 from llada_jax.checkpoints import loading
 from llada_jax.frontends import chat
-from llada_jax.frontends import cli as sample
+from llada_jax.frontends import settings as settings_lib
 from llada_jax.tokenizer import load_tokenizer
 
 FLAGS = flags.FLAGS
@@ -41,7 +41,7 @@ def _define_flags():
 def run(checkpoint_dir: str, turns: int, max_sequence_length: int, **settings) -> dict:
   model = loading.load(checkpoint_dir, max_sequence_length=max_sequence_length)
   tok = load_tokenizer(checkpoint_dir)
-  conv = chat.Conversation(model, tok, {**sample.SAMPLER_ARGS, "seed": 0,
+  conv = chat.Conversation(model, tok, {**settings_lib.SAMPLER_ARGS, "seed": 0,
                                         **chat.CHAT_DEFAULTS, **settings})
   rows = []
   for turn in range(turns):

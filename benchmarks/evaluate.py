@@ -6,15 +6,15 @@
 Builds `loglikelihood` requests (contexts of 8-200 tokens, continuations of 1-8,
 from Python's bundled documentation) and `generate_until` requests, scores
 them through the lm-eval model as the harness would, and reports requests/s
-and the number of programs compiled, once with the model's length buckets and
-once padding each batch only to its longest request. JSON output.
+and the number of programs compiled, once with the front ends' length and row
+buckets (model arg padding=bucket) and once padding each batch only to its
+longest request (padding=longest). JSON output.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from unittest import mock
 
 import numpy as np
 from lm_eval.api.instance import Instance
@@ -49,23 +49,21 @@ def _timed(fn, kind, args):
 
 def run(checkpoint: str, requests: int, batch_size: int, mc_num: int, mc_batch_size: int,
         gen_length: int) -> dict:
-  lm = evaluate.LLaDAEval(checkpoint=checkpoint, batch_size=batch_size, mc_num=mc_num,
-                          mc_batch_size=mc_batch_size, gen_length=gen_length, steps=gen_length,
-                          block_length=gen_length)
-  ll, gen = make_requests(lm.tok, requests)
+  model_args = {"checkpoint": checkpoint, "batch_size": batch_size, "mc_num": mc_num,
+                "mc_batch_size": mc_batch_size, "gen_length": gen_length, "steps": gen_length,
+                "block_length": gen_length}
   result = {"machine": common.machine(), "checkpoint": checkpoint, "requests": requests,
             "batch_size": batch_size, "mc_num": mc_num, "mc_batch_size": mc_batch_size,
             "gen_length": gen_length, "results": []}
-  for padding in ("buckets", "longest_in_batch"):
-    exact = mock.patch.object(evaluate, "bucket", lambda n: n) if padding != "buckets" else \
-        mock.patch.object(evaluate, "bucket", evaluate.bucket)
+  for padding in evaluate.PADDING:
+    lm = evaluate.LLaDAEval(**model_args, padding=padding)
+    ll, gen = make_requests(lm.tok, requests)
     likelihood._ll_loop_jit.clear_cache()  # pylint: disable=protected-access
     sampling._sample_loop_jit.clear_cache()  # pylint: disable=protected-access
-    with exact:
-      ll_s = _timed(lm.loglikelihood, "loglikelihood", ll)
-      ll_programs = likelihood._ll_loop_jit._cache_size()  # pylint: disable=protected-access
-      gen_s = _timed(lm.generate_until, "generate_until", gen)
-      gen_programs = sampling._sample_loop_jit._cache_size()  # pylint: disable=protected-access
+    ll_s = _timed(lm.loglikelihood, "loglikelihood", ll)
+    ll_programs = likelihood._ll_loop_jit._cache_size()  # pylint: disable=protected-access
+    gen_s = _timed(lm.generate_until, "generate_until", gen)
+    gen_programs = sampling._sample_loop_jit._cache_size()  # pylint: disable=protected-access
     result["results"].append({
         "padding": padding, "loglikelihood_seconds": ll_s,
         "loglikelihood_requests_per_s": requests / ll_s, "loglikelihood_programs": ll_programs,

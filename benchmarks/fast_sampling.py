@@ -35,7 +35,7 @@ from benchmarks import common
 from configs import tiny
 import llada_jax
 from llada_jax import tokenizer as tokenizer_lib
-from llada_jax.frontends import cli as sample
+from llada_jax.frontends import settings as frontend
 from llada_jax.training import train as train_lib
 
 FLAGS = flags.FLAGS
@@ -114,7 +114,7 @@ def run_mode(model, tok, records, mode: dict, repeats: int) -> dict:
   for start in range(0, len(ids), 8):
     rows = ids[start:start + 8]
     width = max(map(len, rows))
-    x, mask = sample.left_pad(rows, width, tok.pad_id, num_rows=8)
+    x, mask = frontend.left_pad(rows, width, tok.pad_id, num_rows=8)
     out, nfe = llada_jax.generate(model, x, mask, return_nfe=True, **args)
     out = np.asarray(out)
     for r, rec in enumerate(records[start:start + 8]):
@@ -125,7 +125,7 @@ def run_mode(model, tok, records, mode: dict, repeats: int) -> dict:
   for batch in (1, 8):
     rows = ids[:batch]
     width = max(map(len, rows))
-    x, mask = sample.left_pad(rows, width, tok.pad_id)
+    x, mask = frontend.left_pad(rows, width, tok.pad_id)
     start = time.perf_counter()
     jax.block_until_ready(llada_jax.generate(model, x, mask, **args))
     compile_s = time.perf_counter() - start

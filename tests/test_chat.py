@@ -11,7 +11,7 @@ import pytest
 
 import llada_jax
 from llada_jax.frontends import chat
-from llada_jax.frontends import cli as sample
+from llada_jax.frontends import settings
 from llada_jax.tokenizer import load_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -19,17 +19,17 @@ SMALL = {"gen_length": 16, "steps": 8, "block_length": 8}
 
 
 def _settings(**changes):
-  return {**sample.SAMPLER_ARGS, "seed": 0, **chat.CHAT_DEFAULTS, **changes}
+  return {**settings.SAMPLER_ARGS, "seed": 0, **chat.CHAT_DEFAULTS, **changes}
 
 
-def test_bucket_length():
-  assert chat.bucket_length(1, 384) == 64
-  assert chat.bucket_length(64, 384) == 64
-  assert chat.bucket_length(65, 384) == 128
-  assert chat.bucket_length(300, 384) == 384  # capped by the context
-  assert chat.bucket_length(1000, 3968) == 1024
-  with pytest.raises(ValueError, match="exceeds the limit"):
-    chat.bucket_length(385, 384)
+def test_chat_buckets():
+  """The front ends' rule with a floor of 64: a growing history changes bucket only
+  when it doubles."""
+  bucket = lambda n, limit: settings.bucket_length(n, limit, floor=chat.MIN_BUCKET)
+  assert [bucket(n, 3968) for n in (1, 64, 65, 300, 1000)] == [64, 64, 128, 512, 1024]
+  assert bucket(300, 384) == 384  # capped by the context
+  # Ten turns of 140 tokens: 5 buckets.
+  assert len({bucket(30 + 140 * turn, 3968) for turn in range(10)}) == 5
 
 
 def test_parse_settings():

@@ -39,13 +39,19 @@ def test_model_args_are_checked_and_converted(fixture_dir):
   assert isinstance(gen["temperature"], float) and settings["cfg"] == 1.0
   assert settings["batch_size"] == 4 and gen["block_length"] == 128  # generate's default
   # Every keyword of generate (but rng/trace/constraints) is a model arg.
-  assert set(gen) == set(evaluate.sample.SAMPLER_ARGS) >= {"steps", "remasking", "cfg_scale"}
+  assert set(gen) == set(evaluate.settings_lib.SAMPLER_ARGS) >= {"steps", "remasking",
+                                                                 "cfg_scale"}
   with pytest.raises(ValueError, match="unknown argument.*bogus.*stepz"):
     evaluate.parse_model_args({"checkpoint": fixture_dir, "stepz": 3, "bogus": 1})
   with pytest.raises(ValueError, match="steps=.*not a valid int"):
     evaluate.parse_model_args({"checkpoint": fixture_dir, "steps": 2.5})
   with pytest.raises(ValueError, match="checkpoint=DIR is required"):
     evaluate.parse_model_args({})
+  assert settings["padding"] == "bucket"
+  assert evaluate.parse_model_args(
+      {"checkpoint": fixture_dir, "padding": "longest"})[0]["padding"] == "longest"
+  with pytest.raises(ValueError, match="padding='fixed' is not one of"):
+    evaluate.parse_model_args({"checkpoint": fixture_dir, "padding": "fixed"})
   with pytest.raises(ValueError, match="--batch_size"):
     evaluate.parse_model_args({"checkpoint": fixture_dir, "batch_size": "auto"})
   with pytest.raises(ValueError, match="mc_num=6 is not a multiple of mc_batch_size=4"):
@@ -59,11 +65,21 @@ def test_model_args_are_checked_and_converted(fixture_dir):
 def test_helpers():
   assert evaluate.stop_at("a, b. c\nd", ["\n", "."]) == "a, b"
   assert evaluate.stop_at("abc", ["x", ""]) == "abc"
-  assert [evaluate.bucket(n) for n in (1, 16, 17, 33, 65, 100, 129, 4000)] == \
-      [16, 16, 32, 48, 80, 112, 160, 4096]
   assert evaluate.parse_mesh("1x-1x2") == (1, -1, 2)
   with pytest.raises(ValueError, match="mesh="):
     evaluate.parse_mesh("4x2")
+
+
+def test_padding_model_arg(lm):
+  """padding=bucket: the front ends' length and row buckets; padding=longest: none."""
+  lm.batch_size = 8
+  try:
+    assert lm.padded_shape(17, 3, 512) == (32, 4)
+    assert lm.padded_shape(300, 8, 400) == (400, 8)  # capped at the limit
+    lm.padding = "longest"
+    assert lm.padded_shape(17, 3, 512) == (17, 3)
+  finally:
+    lm.batch_size, lm.padding = 1, "bucket"
 
 
 def test_loglikelihood_is_the_mc_estimator(lm):

@@ -16,17 +16,24 @@ def _text(cell) -> str:
 
 
 def test_sampling_notebook_runs(fixture_dir, monkeypatch, tmp_path):
+  """Installs this checkout (its dependencies are here already) into a scratch
+  directory, the kernel's only path to llada_jax, then runs every cell."""
+  site = tmp_path / "site"
+  site.mkdir()
   for key, value in {"CHECKPOINT": fixture_dir, "DTYPE": "float32", "BATCH_SIZE": "3",
                      "GEN_LENGTH": "16", "STEPS": "16", "BLOCK_LENGTH": "8", "MC_NUM": "4",
-                     "SKIP_INSTALL": "1", "PROJECT": "/nonexistent/never/installed"}.items():
+                     "SOURCE": str(NOTEBOOK.parents[1]),
+                     "PIP_ARGS": f"--no-deps --target {site}"}.items():
     monkeypatch.setenv(f"LLADA_{key}", value)
+  monkeypatch.delenv("LLADA_SKIP_INSTALL", raising=False)
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("PYTHONPATH", str(NOTEBOOK.parents[1]))  # this checkout's llada_jax
+  monkeypatch.setenv("PYTHONPATH", str(site))
   nb = nbformat.read(NOTEBOOK, as_version=4)
   assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells)
   nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                           resources={"metadata": {"path": str(tmp_path)}}).execute()
   outputs = "\n".join(_text(c) for c in nb.cells if c.cell_type == "code")
+  assert f"from {site / 'llada_jax'}" in outputs  # the installed copy ran
   assert "loaded " in outputs and " parameters in " in outputs
   assert "first call (compile + run)" in outputs and "generated tokens/s" in outputs
   assert outputs.count("> ") >= 3  # one completion per prompt of the batch

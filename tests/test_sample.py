@@ -12,26 +12,6 @@ from llada_jax.tokenizer import load_tokenizer
 FLAGS = ["--steps", "8", "--gen_length", "8", "--block_length", "4"]
 
 
-def test_sampler_flags_carry_generate_names():
-  assert set(sample.SAMPLER_ARGS) == {
-      "steps", "gen_length", "block_length", "temperature", "cfg_scale", "remasking",
-      "logits_eos_inf", "confidence_eos_eot_inf", "cache", "cache_refresh", "threshold",
-      "factor", "stop_at_eos"}
-  parser = sample.argparse.ArgumentParser()
-  sample.add_sampler_flags(parser)
-  args = parser.parse_args(["--temperature", "0.5", "--logits_eos_inf", "--seed", "3"])
-  settings = sample.sampler_settings(args)
-  assert settings["temperature"] == 0.5 and settings["logits_eos_inf"] is True
-  assert settings["seed"] == 3 and settings["steps"] == 128
-  assert settings["cache"] == "none" and settings["threshold"] is None
-  fast = sample.sampler_settings(parser.parse_args(
-      ["--cache", "dual", "--cache_refresh", "4", "--threshold", "0.9", "--stop_at_eos"]))
-  assert (fast["cache"], fast["cache_refresh"], fast["threshold"], fast["factor"],
-          fast["stop_at_eos"]) == ("dual", 4, 0.9, None, True)
-  with pytest.raises(SystemExit):
-    parser.parse_args(["--cache", "kv"])
-
-
 def test_single_prompt(tiny_model, fixture_dir, capsys):
   assert sample.main(["--checkpoint", fixture_dir, "--prompt", "def f(x):", "--chat"]
                      + FLAGS) == 0
@@ -83,13 +63,6 @@ def test_batch_mode_keeps_order_and_skips_bad_lines(tiny_model, fixture_dir, tmp
     out = llada_jax.generate(tiny_model, np.asarray(ids), steps=8, gen_length=8,
                              block_length=4)
     assert r["completion"] == tok.decode(np.asarray(out)[len(ids):])
-
-
-def test_left_pad():
-  ids, mask = sample.left_pad([[5, 6], [7]], 4, pad_id=0, num_rows=3)
-  np.testing.assert_array_equal(ids, [[0, 0, 5, 6], [0, 0, 0, 7], [0, 0, 0, 7]])
-  np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 0, 0, 1], [0, 0, 0, 1]])
-  assert sample.left_pad([[1, 2]], 2, pad_id=0)[1] is None
 
 
 @pytest.mark.parametrize("argv, message", [

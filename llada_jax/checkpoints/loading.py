@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from llada_jax import sharding
 from llada_jax.checkpoints import hf as hf_checkpoint
+from llada_jax.checkpoints import hub
 from llada_jax.checkpoints.layout import model_dir_kind, read_config
 from llada_jax.checkpoints.orbax import flat_params, restore_params
 from llada_jax.models import llada as model_lib
@@ -37,21 +38,24 @@ def _placer(state: nnx.State, mesh: Mesh | None, rules):
 
 def load(path: str, dtype: str = "float32", param_dtype: str | None = None, *,
          mesh: Mesh | None = None, rules: Any = sharding.DEFAULT_RULES,
-         **config_overrides) -> model_lib.Transformer:
+         revision: str | None = None, **config_overrides) -> model_lib.Transformer:
   """Loads a LLaDA model directory of any kind (HF snapshot, converted, workdir).
 
   Args:
-    path: the model directory (see the module docstring for the layouts).
+    path: the model directory (see the module docstring for the layouts), or a
+      Hub id `owner/name[@revision]` (downloaded into the Hub cache once).
     dtype: compute dtype, "float32" | "bfloat16".
     param_dtype: parameter dtype (default: `dtype`); stored values are cast.
     mesh, rules: place every parameter sharded by its logical axes (an Orbax
       checkpoint is restored straight into the shards; a dimension that does
       not divide its mesh axes is replicated, with a warning).
+    revision: a Hub id's branch, tag or commit (instead of `@revision`).
     **config_overrides: other ModelConfig fields (attention, remat_policy...).
   Returns:
     A `Transformer`; `model(ids, mask)` gives float32 logits and
     `graphdef, params = nnx.split(model)` the parameters as a pytree.
   """
+  path = hub.resolve_model_dir(path, revision)
   cfg = read_config(path, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
   abstract_model = model_lib.abstract(cfg, mesh=mesh, rules=rules)
   graphdef, state = nnx.split(abstract_model)

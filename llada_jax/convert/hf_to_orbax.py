@@ -19,6 +19,7 @@ import sys
 import numpy as np
 
 from llada_jax.checkpoints import hf as hf_checkpoint
+from llada_jax.checkpoints import hub
 from llada_jax.checkpoints import layout
 from llada_jax.checkpoints import orbax as checkpoint
 from llada_jax.convert import staging
@@ -28,8 +29,7 @@ from llada_jax.models.llada import param_shapes
 def convert(hf_dir: str, output_dir: str, dtype: str | None = None,
             overwrite: bool = False, progress: bool = True) -> dict:
   """Converts; returns the summary (params, tensors, bytes, seconds, peak_rss_bytes)."""
-  if not os.path.isdir(hf_dir):
-    raise FileNotFoundError(f"{hf_dir}: no such directory")
+  hf_dir = hub.resolve_model_dir(hf_dir)  # a directory, or a Hub id owner/name[@revision]
   cfg = layout.read_config(hf_dir)
   reader = hf_checkpoint.open_reader(hf_dir)
   reader.check(cfg)

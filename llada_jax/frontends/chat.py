@@ -1,18 +1,18 @@
 """Multi-turn chat in the terminal, as the reference chat.py (SPEC §6).
 
-  python -m llada_jax.chat --checkpoint DIR [--tokenizer DIR] [sampler flags]
+  python -m llada_jax.chat --checkpoint DIR|OWNER/NAME [--tokenizer DIR] [sampler flags]
 
 Each user turn is rendered with the chat template; later turns drop their
 leading BOS and are appended to the history, which is the previous prompt plus
 answer with every EOS removed (EoT kept). Chat defaults as the reference:
-gen_length = steps = 128, block_length 32; the sampler flags of
-`llada_jax.sample` (`add_sampler_flags`) change them, and so does `/set` between
+gen_length = steps = 128, block_length 32; the sampler flags every front end
+has (`settings.add_sampler_flags`) change them, and so does `/set` between
 turns. Commands: /set name=value ..., /settings, /reset, /quit, /help.
 
-The prompt is left-padded (with an attention mask) to a bucket length — the
-next power of two, at least 64, capped at max_sequence_length - gen_length — so
-a growing history reuses the sampler compiled for its bucket instead of
-compiling a new program every turn.
+The prompt is left-padded (with an attention mask) to the front ends' bucket
+length (`settings.bucket_length`: the next power of two, here at least 64,
+capped at max_sequence_length - gen_length), so a growing history reuses the
+sampler compiled for its bucket instead of compiling a new program every turn.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
 import sys
 import time
 from typing import Any, Iterator, Sequence
@@ -30,25 +29,18 @@ import numpy as np
 from jax import monitoring
 
 from llada_jax.checkpoints import loading
-from llada_jax.frontends import cli as sample
+from llada_jax.frontends import settings as settings_lib
 from llada_jax.sampling import sampler as sampling
 from llada_jax.tokenizer import Tokenizer, load_tokenizer
 
 CHAT_DEFAULTS = {"gen_length": 128, "steps": 128, "block_length": 32}
+# The shortest padded prompt: the first turns of a chat share one program.
 MIN_BUCKET = 64
 HELP = """commands:
   /set name=value ...  change sampler settings (e.g. /set steps=64 temperature=0.5)
   /settings            show the sampler settings
   /reset               forget the conversation
   /quit                leave (also Ctrl-D)"""
-
-
-def bucket_length(n: int, limit: int, min_bucket: int = MIN_BUCKET) -> int:
-  """Padded prompt length for n tokens: the next power of two >= max(n, min_bucket),
-  capped at `limit` (the longest prompt the context allows; n <= limit)."""
-  if n > limit:
-    raise ValueError(f"prompt length {n} exceeds the limit {limit}")
-  return min(1 << (max(n, min_bucket) - 1).bit_length(), limit)
 
 
 def next_history(tokens: Sequence[int], eos_id: int) -> list[int]:
@@ -59,8 +51,8 @@ def next_history(tokens: Sequence[int], eos_id: int) -> list[int]:
 def parse_settings(words: Sequence[str], settings: dict[str, Any]) -> dict[str, Any]:
   """`name=value` words -> a copy of `settings` with them changed (ValueError naming
   the bad word). Names are generate's sampler arguments plus seed."""
-  types = {**{k: sample.OPTIONAL_TYPES.get(k, type(v)) for k, v in sample.SAMPLER_ARGS.items()},
-           "seed": int}
+  types = {**{k: settings_lib.OPTIONAL_TYPES.get(k, type(v))
+              for k, v in settings_lib.SAMPLER_ARGS.items()}, "seed": int}
   out = dict(settings)
   if not words:
     raise ValueError("expected name=value, e.g. /set steps=64")
@@ -74,13 +66,13 @@ def parse_settings(words: Sequence[str], settings: dict[str, Any]) -> dict[str, 
         if text.lower() not in ("true", "false", "1", "0", "on", "off", "yes", "no"):
           raise ValueError
         out[name] = text.lower() in ("true", "1", "on", "yes")
-      elif name in sample.OPTIONAL_TYPES and text.lower() == "none":
+      elif name in settings_lib.OPTIONAL_TYPES and text.lower() == "none":
         out[name] = None
       else:
         out[name] = kind(text)
     except ValueError:
       raise ValueError(f"{name}: {text!r} is not a valid {kind.__name__}") from None
-  sample._check(out)  # pylint: disable=protected-access
+  settings_lib.check_settings(out)
   return out
 
 
@@ -144,8 +136,8 @@ class Conversation:
           f"the conversation is too long: {len(prompt)} prompt tokens + gen_length "
           f"{gen_length} exceed the model's context of {self.cfg.max_sequence_length} "
           f"tokens. /reset to start over, or /set a smaller gen_length.")
-    bucket = bucket_length(len(prompt), limit)
-    ids, _ = sample.left_pad([prompt], bucket, self.cfg.pad_token_id)
+    bucket = settings_lib.bucket_length(len(prompt), limit, floor=MIN_BUCKET)
+    ids, _ = settings_lib.left_pad([prompt], bucket, self.cfg.pad_token_id)
     mask = (np.arange(bucket) >= bucket - len(prompt)).astype(np.int32)[None]
     rng = jax.random.fold_in(jax.random.key(seed), self.turns)
     start = time.perf_counter()
@@ -215,8 +207,8 @@ def front_end_parser(prog: str, description: str) -> argparse.ArgumentParser:
   """A parser with the model flags and the sampler flags at the chat defaults."""
   parser = argparse.ArgumentParser(prog=prog, description=description,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  sample.add_model_flags(parser)
-  sample.add_sampler_flags(parser)
+  settings_lib.add_model_flags(parser)
+  settings_lib.add_sampler_flags(parser)
   parser.set_defaults(**CHAT_DEFAULTS)
   return parser
 
@@ -224,16 +216,15 @@ def front_end_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def load_front_end(parser: argparse.ArgumentParser, args: argparse.Namespace):
   """Checks the flags (parser.error on bad ones) before loading anything heavy
   -> (model, tokenizer, sampler settings)."""
-  if not os.path.isdir(args.checkpoint):
-    parser.error(f"--checkpoint: {args.checkpoint} is not a directory")
-  settings = sample.sampler_settings(args)
+  settings = settings_lib.sampler_settings(args)
   try:
-    sample._check(settings)  # pylint: disable=protected-access
-    tok = load_tokenizer(args.tokenizer or args.checkpoint)
+    settings_lib.check_settings(settings)
+    checkpoint, tokenizer = settings_lib.model_paths(args.checkpoint, args.tokenizer)
+    tok = load_tokenizer(tokenizer)
     tok.apply_chat_template([])  # the chat tokens exist
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
-  return loading.load(args.checkpoint, dtype=args.dtype), tok, settings
+  return loading.load(checkpoint, dtype=args.dtype), tok, settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:

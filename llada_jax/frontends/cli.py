@@ -1,25 +1,28 @@
 """Command line sampling: one prompt, or a JSONL file of prompts in padded batches.
 
-  python -m llada_jax.sample --checkpoint DIR [--tokenizer DIR] --prompt "..." [--chat] [flags]
+  python -m llada_jax.sample --checkpoint DIR|OWNER/NAME [--tokenizer DIR] --prompt "..." \\
+      [--chat] [flags]
   python -m llada_jax.sample --checkpoint DIR --input prompts.jsonl --output out.jsonl \\
       [--batch_size 16] [--chat] [flags]
 
 Sampler flags carry `generate`'s argument names (--steps --gen_length
 --block_length --temperature --cfg_scale --remasking --logits_eos_inf
 --confidence_eos_eot_inf, and the fast-sampling --cache --cache_refresh
---threshold --factor --stop_at_eos) plus --seed; `add_sampler_flags` gives any front end
-the same ones. Input lines are {"prompt": "..."} (chat-templated with --chat) or
-{"messages": [{"role": ..., "content": ...}, ...]} (always chat-templated),
-optionally with per-line sampler settings under the same names. Each output
-line is the input object with "completion" added, in input order. A bad line is
-reported with its number on stderr and skipped; the others still run.
+--threshold --factor --stop_at_eos) plus --seed, from `llada_jax.frontends.settings`
+as in every front end. Input lines are {"prompt": "..."} (chat-templated with
+--chat) or {"messages": [{"role": ..., "content": ...}, ...]} (always
+chat-templated), optionally with per-line sampler settings under the same
+names. Same-settings prompts are sorted by length and left-padded into
+batches of the front ends' buckets (`settings.bucket_length`, `bucket_rows`).
+Each output line is the input object with "completion" added, in input order.
+A bad line is reported with its number on stderr and skipped; the others
+still run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import os
 import sys
@@ -29,58 +32,9 @@ import jax
 import numpy as np
 import tqdm
 
-from llada_jax.sampling import kv_cache
+from llada_jax.frontends import settings as settings_lib
 from llada_jax.sampling import sampler as sampling
 from llada_jax.tokenizer import Tokenizer, load_tokenizer
-
-# generate's sampler arguments and their defaults, from its signature.
-SAMPLER_ARGS = {
-    name: p.default for name, p in inspect.signature(sampling.generate).parameters.items()
-    if p.kind == p.KEYWORD_ONLY and name not in ("rng", "trace", "constraints", "return_nfe")}
-# Flags whose default is None: their value type.
-OPTIONAL_TYPES = {"cache_refresh": int, "threshold": float, "factor": float}
-LINE_SETTINGS = set(SAMPLER_ARGS) | {"seed"}
-
-
-def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
-  """--steps --gen_length ... (generate's names and defaults) and --seed."""
-  group = parser.add_argument_group("sampler (llada_jax.generate's arguments)")
-  for name, default in SAMPLER_ARGS.items():
-    if isinstance(default, bool):
-      group.add_argument(f"--{name}", action="store_true")
-    elif name == "remasking":
-      group.add_argument(f"--{name}", default=default, choices=sampling.REMASKING)
-    elif name == "cache":
-      group.add_argument(f"--{name}", default=default, choices=kv_cache.CACHES)
-    elif default is None:
-      group.add_argument(f"--{name}", type=OPTIONAL_TYPES[name], default=None)
-    else:
-      group.add_argument(f"--{name}", type=type(default), default=default)
-  group.add_argument("--seed", type=int, default=0, help="PRNG seed (generate's rng)")
-
-
-def sampler_settings(args: argparse.Namespace) -> dict[str, Any]:
-  """The sampler flags as a dict: generate's keyword arguments plus "seed"."""
-  return {name: getattr(args, name) for name in LINE_SETTINGS}
-
-
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-  """--checkpoint, --tokenizer, --dtype: the model a front end loads."""
-  parser.add_argument("--checkpoint", required=True,
-                      help="model directory: HF snapshot, converted checkpoint or training workdir")
-  parser.add_argument("--tokenizer", help="tokenizer directory or file (default: --checkpoint)")
-  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                      help="compute and parameter dtype")
-
-
-def _check(settings: dict[str, Any], cfg=None, prompt_len: int = 0) -> None:
-  for name in ("logits_eos_inf", "confidence_eos_eot_inf", "stop_at_eos"):
-    if not isinstance(settings[name], bool):
-      raise ValueError(f"{name}: expected true or false, got {settings[name]!r}")
-  if isinstance(settings["seed"], bool) or not isinstance(settings["seed"], int):
-    raise ValueError(f"seed: expected an integer, got {settings['seed']!r}")
-  sampling.check_settings(cfg, prompt_len,
-                          **{k: v for k, v in settings.items() if k != "seed"})
 
 
 def encode_request(tok: Tokenizer, record: Any, chat: bool) -> list[int]:
@@ -109,19 +63,6 @@ class _Request:
   settings: dict[str, Any]
 
 
-def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int,
-             num_rows: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-  """Left-pads id lists to `length` (and to `num_rows` rows by repeating the last):
-  -> ids int32 [R, length], attention mask [R, length] (None when nothing is padded)."""
-  rows = list(rows) + [rows[-1]] * ((num_rows or len(rows)) - len(rows))
-  ids = np.full((len(rows), length), pad_id, np.int32)
-  mask = np.zeros((len(rows), length), np.int32)
-  for r, row in enumerate(rows):
-    ids[r, length - len(row):] = row
-    mask[r, length - len(row):] = 1
-  return ids, (None if mask.all() else mask)
-
-
 def _batches(requests: list[_Request], batch_size: int):
   """Same-settings requests sorted by length, in chunks of `batch_size`."""
   groups: dict[tuple, list[_Request]] = {}
@@ -134,16 +75,15 @@ def _batches(requests: list[_Request], batch_size: int):
 
 
 def generate_batch(model, tok: Tokenizer, batch: list[_Request], batch_size: int,
-                   pad_multiple: int, batch_index: int) -> list[str]:
-  """Completions (decoded text) of requests sharing sampler settings."""
+                   batch_index: int) -> list[str]:
+  """Completions (decoded text) of requests sharing sampler settings, padded to
+  the front ends' length and row buckets (`settings.bucket_length`, `bucket_rows`)."""
   settings = dict(batch[0].settings)
   seed = settings.pop("seed")
-  longest = max(len(r.ids) for r in batch)
   limit = model.config.max_sequence_length - settings["gen_length"]
-  length = min(-(-longest // pad_multiple) * pad_multiple, max(limit, longest))
-  # Rows padded to a power of two (<= batch_size) so few shapes get compiled.
-  num_rows = min(batch_size, 1 << (len(batch) - 1).bit_length())
-  ids, mask = left_pad([r.ids for r in batch], length, tok.pad_id, num_rows)
+  length = settings_lib.bucket_length(max(len(r.ids) for r in batch), limit)
+  num_rows = settings_lib.bucket_rows(len(batch), batch_size)
+  ids, mask = settings_lib.left_pad([r.ids for r in batch], length, tok.pad_id, num_rows)
   rng = jax.random.fold_in(jax.random.key(seed), batch_index)
   out = np.asarray(sampling.generate(model, ids, mask, rng=rng, **settings))
   return [tok.decode(out[r, length:]) for r in range(len(batch))]
@@ -158,8 +98,8 @@ def _read_requests(path: str, tok: Tokenizer, cfg, chat: bool, defaults: dict[st
       try:
         record = json.loads(line)
         ids = encode_request(tok, record, chat)
-        settings = {**defaults, **{k: record[k] for k in LINE_SETTINGS & set(record)}}
-        _check(settings, cfg, len(ids))
+        settings = {**defaults, **{k: record[k] for k in settings_lib.LINE_SETTINGS & set(record)}}
+        settings_lib.check_settings(settings, cfg, len(ids))
       except (ValueError, TypeError) as e:
         print(f"{path}:{line_no}: skipped: {e}", file=sys.stderr)
         bad += 1
@@ -169,13 +109,13 @@ def _read_requests(path: str, tok: Tokenizer, cfg, chat: bool, defaults: dict[st
 
 
 def run_file(model, tok: Tokenizer, input_path: str, output_path: str, *, batch_size: int,
-             chat: bool, defaults: dict[str, Any], pad_multiple: int = 16) -> dict[str, int]:
+             chat: bool, defaults: dict[str, Any]) -> dict[str, int]:
   """Batch mode: reads JSONL prompts, writes JSONL with "completion" (atomically)."""
   requests, bad = _read_requests(input_path, tok, model.config, chat, defaults)
   completions: dict[int, str] = {}
   with tqdm.tqdm(total=len(requests), desc="sampling", unit="prompt") as bar:
     for b, batch in enumerate(_batches(requests, batch_size)):
-      for req, text in zip(batch, generate_batch(model, tok, batch, batch_size, pad_multiple, b)):
+      for req, text in zip(batch, generate_batch(model, tok, batch, batch_size, b)):
         completions[req.index] = text
       bar.update(len(batch))
   tmp = output_path + ".tmp"
@@ -191,13 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m llada_jax.sample",
                                    description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_model_flags(parser)
+  settings_lib.add_model_flags(parser)
   parser.add_argument("--prompt", help="one prompt; the completion goes to stdout")
   parser.add_argument("--chat", action="store_true", help="apply the chat template")
   parser.add_argument("--input", help="JSONL file of prompts (batch mode)")
   parser.add_argument("--output", help="JSONL file to write (batch mode)")
   parser.add_argument("--batch_size", type=int, default=16)
-  add_sampler_flags(parser)
+  settings_lib.add_sampler_flags(parser)
   args = parser.parse_args(argv)
 
   # Every check that needs no model comes before loading it.
@@ -213,17 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       parser.error(f"--output: directory {out_dir} does not exist")
   if args.batch_size < 1:
     parser.error(f"--batch_size: expected a positive integer, got {args.batch_size}")
-  if not os.path.isdir(args.checkpoint):
-    parser.error(f"--checkpoint: {args.checkpoint} is not a directory")
-  defaults = sampler_settings(args)
+  defaults = settings_lib.sampler_settings(args)
   try:
-    _check(defaults)
-    tok = load_tokenizer(args.tokenizer or args.checkpoint)
+    settings_lib.check_settings(defaults)
+    checkpoint, tokenizer = settings_lib.model_paths(args.checkpoint, args.tokenizer)
+    tok = load_tokenizer(tokenizer)
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
 
   import llada_jax  # pylint: disable=g-import-not-at-top
-  model = llada_jax.load(args.checkpoint, dtype=args.dtype)
+  model = llada_jax.load(checkpoint, dtype=args.dtype)
   if args.input is not None:
     stats = run_file(model, tok, args.input, args.output, batch_size=args.batch_size,
                      chat=args.chat, defaults=defaults)
@@ -233,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
   try:
     ids = encode_request(tok, {"prompt": args.prompt}, args.chat)
-    _check(defaults, model.config, len(ids))
+    settings_lib.check_settings(defaults, model.config, len(ids))
   except ValueError as e:
     parser.error(str(e))
   seed = defaults.pop("seed")

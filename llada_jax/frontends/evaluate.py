@@ -10,18 +10,22 @@ to lm-eval's CLI. The class also works with `lm_eval.simple_evaluate(
 model="llada_jax", model_args={...})` once this module is imported.
 
 Model args: `checkpoint` (a model directory: HF snapshot, converted dir or
-training workdir), `tokenizer` (default: the checkpoint), `dtype`
+training workdir; or a Hub id owner/name[@revision]), `tokenizer` (default:
+the checkpoint), `dtype`
 (float32 | bfloat16), `mesh` (e.g. `1x-1x1`: data x fsdp x tensor, -1 = the
 rest; default: one device), `mc_num` and `mc_batch_size` (SPEC §4's Monte Carlo
 samples and mini-batch), `cfg` (likelihood guidance scale), `seed`,
-`is_check_greedy`, `max_length` (default: the model's context), and every
+`is_check_greedy`, `max_length` (default: the model's context), `padding`
+(`bucket`: each batch padded to the front ends' length bucket, a power of
+two, and its rows to a power of two, so that a task compiles few programs;
+`longest`: to its longest request and its own row count), and every
 `llada_jax.generate` setting under its own name (steps, gen_length,
 block_length, temperature, cfg_scale, remasking, logits_eos_inf, ...). lm-eval's
 `--batch_size` is the number of requests scored or generated together.
 
 - `loglikelihood`: the unbiased Monte Carlo ELBO of `llada_jax.log_likelihood`.
-  Each group of `batch_size` requests (sorted by length, padded to a length
-  bucket: padding is masked and changes no draw) is one call with `rng=seed`,
+  Each group of `batch_size` requests (sorted by length, padded as `padding`
+  says: padding is masked and changes no draw) is one call with `rng=seed`,
   so a request scored alone equals `log_likelihood(model, ctx_ids, cont_ids,
   rng=seed)` up to float rounding.
   `is_greedy` (off by default, as the reference recommends) is the reference's
@@ -43,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Any, Sequence
 
@@ -56,7 +59,7 @@ from lm_eval import utils as lm_utils
 
 from llada_jax import sharding
 from llada_jax.checkpoints import loading
-from llada_jax.frontends import cli as sample
+from llada_jax.frontends import settings as settings_lib
 from llada_jax.sampling import likelihood
 from llada_jax.sampling import sampler as sampling
 from llada_jax.tokenizer import load_tokenizer
@@ -67,7 +70,8 @@ MODEL_NAME = "llada_jax"
 # Model args other than the sampler's, with their defaults (None = none / the model's).
 EVAL_ARGS = {"checkpoint": None, "tokenizer": None, "dtype": "float32", "mesh": None,
              "mc_num": 128, "mc_batch_size": 16, "cfg": 0.0, "seed": 0,
-             "is_check_greedy": False, "max_length": None}
+             "is_check_greedy": False, "max_length": None, "padding": "bucket"}
+PADDING = ("bucket", "longest")
 # Passed by lm-eval itself (--batch_size, --max_batch_size, --device).
 HARNESS_ARGS = {"batch_size": None, "max_batch_size": None, "device": None}
 IGNORED_GEN_KWARGS = frozenset({"until", "max_gen_toks", "do_sample"})
@@ -99,7 +103,7 @@ def convert_arg(name: str, value: Any, default: Any) -> Any:
 
 def parse_model_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
   """model_args -> (our settings, generate's settings); unknown names are an error."""
-  known = {**EVAL_ARGS, **HARNESS_ARGS, **sample.SAMPLER_ARGS}
+  known = {**EVAL_ARGS, **HARNESS_ARGS, **settings_lib.SAMPLER_ARGS}
   unknown = sorted(set(args) - set(known))
   if unknown:
     raise ValueError(f"model_args: unknown argument(s) {', '.join(unknown)}; accepted: "
@@ -115,11 +119,9 @@ def parse_model_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
   out["batch_size"] = sampling.positive_int("--batch_size", convert_arg(
       "--batch_size", 1 if batch_size is None else batch_size, 1))
   gen = {name: convert_arg(name, args.get(name, default), default)
-         for name, default in sample.SAMPLER_ARGS.items()}
+         for name, default in settings_lib.SAMPLER_ARGS.items()}
   # Every check that needs no model, before any is loaded.
-  if not os.path.isdir(str(out["checkpoint"])):
-    raise ValueError(f"model_args: checkpoint={out['checkpoint']} is not a directory")
-  sample._check({**gen, "seed": out["seed"]})  # pylint: disable=protected-access
+  settings_lib.check_settings({**gen, "seed": out["seed"]})
   out["mc_num"] = sampling.positive_int("mc_num", out["mc_num"])
   out["mc_batch_size"] = min(sampling.positive_int("mc_batch_size", out["mc_batch_size"]),
                              out["mc_num"])
@@ -128,6 +130,8 @@ def parse_model_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
                      f"mc_batch_size={out['mc_batch_size']}")
   if not np.isfinite(out["cfg"]) or out["cfg"] < 0:
     raise ValueError(f"model_args: cfg={out['cfg']!r}: expected a finite number >= 0")
+  if out["padding"] not in PADDING:
+    raise ValueError(f"model_args: padding={out['padding']!r} is not one of {PADDING}")
   if out["dtype"] not in ("float32", "bfloat16"):
     raise ValueError(f"model_args: dtype={out['dtype']!r} is not float32 or bfloat16")
   if out["mesh"] is not None:
@@ -135,6 +139,12 @@ def parse_model_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
   if out["max_length"] is not None:
     out["max_length"] = sampling.positive_int(
         "max_length", convert_arg("max_length", out["max_length"], 0))
+  try:  # last: a Hub id may download
+    out["checkpoint"], out["tokenizer"] = settings_lib.model_paths(
+        str(out["checkpoint"]), out["tokenizer"],
+        names=("model_args: checkpoint=", "model_args: tokenizer="))
+  except FileNotFoundError as e:
+    raise ValueError(str(e)) from e
   return out, gen
 
 
@@ -155,13 +165,6 @@ def stop_at(text: str, until: Sequence[str]) -> str:
   return text[:cut]
 
 
-def bucket(n: int) -> int:
-  """`n` rounded up to one of 4 sizes per octave (16, 32, 48, 64, 80, ..., 128, 160, ...),
-  so that batches of many lengths share few compiled programs (padding <= 25%)."""
-  step = 1 << max(4, n.bit_length() - 3)
-  return max(16, -(-n // step) * step)
-
-
 def _chunks(order: list[int], size: int):
   for start in range(0, len(order), size):
     yield order[start:start + size]
@@ -179,11 +182,12 @@ class LLaDAEval(LM):
     self.seed = settings["seed"]
     self.is_check_greedy = settings["is_check_greedy"]
     self.batch_size = settings["batch_size"]
+    self.padding = settings["padding"]
     if settings["device"] is not None:
       log.info("device=%s ignored: JAX runs on its default backend (%s)", settings["device"],
                jax.default_backend())
     mesh = None if settings["mesh"] is None else sharding.make_mesh(parse_mesh(settings["mesh"]))
-    self.tok = load_tokenizer(settings["tokenizer"] or settings["checkpoint"])
+    self.tok = load_tokenizer(settings["tokenizer"])
     self.model = loading.load(settings["checkpoint"], dtype=settings["dtype"], mesh=mesh)
     cfg = self.model.config
     self.max_length = settings["max_length"] or cfg.max_sequence_length
@@ -214,6 +218,15 @@ class LLaDAEval(LM):
                        f"context within max_length={self.max_length}")
     return context_ids[max(0, len(context_ids) + len(answer_ids) - room):]
 
+  def padded_shape(self, longest: int, rows: int, limit: int) -> tuple[int, int]:
+    """(length, rows) a batch of `rows` requests, the longest `longest` tokens, is padded
+    to: the front ends' buckets (`settings.bucket_length` capped at `limit`,
+    `bucket_rows`), or itself with padding=longest."""
+    if self.padding == "longest":
+      return longest, rows
+    return (settings_lib.bucket_length(longest, limit),
+            settings_lib.bucket_rows(rows, self.batch_size))
+
   # --- likelihood ---------------------------------------------------------------------------
 
   def score_pairs(self, pairs: list[tuple[list[int], list[int]]], desc: str) -> np.ndarray:
@@ -223,10 +236,12 @@ class LLaDAEval(LM):
     out = np.zeros(len(pairs), np.float64)
     with tqdm.tqdm(total=len(pairs), desc=desc, unit="request") as bar:
       for chunk in _chunks(order, self.batch_size):
+        length, _ = self.padded_shape(max(sum(map(len, pairs[i])) for i in chunk), len(chunk),
+                                      self.model.config.max_sequence_length)
         out[chunk] = likelihood.log_likelihood(
             self.model, [pairs[i][0] for i in chunk], [pairs[i][1] for i in chunk],
             mc_num=self.mc_num, batch_size=self.mc_batch_size, cfg_scale=self.cfg,
-            rng=self.seed, pad_to=bucket(max(sum(map(len, pairs[i])) for i in chunk)))
+            rng=self.seed, pad_to=length)
         bar.update(len(chunk))
     return out
 
@@ -238,7 +253,7 @@ class LLaDAEval(LM):
     out = [False] * len(pairs)
     for length, members in by_length.items():
       for chunk in _chunks(members, self.batch_size):
-        ids, mask = sample.left_pad([pairs[i][0] for i in chunk],
+        ids, mask = settings_lib.left_pad([pairs[i][0] for i in chunk],
                                     max(len(pairs[i][0]) for i in chunk), self.tok.pad_id)
         tokens = np.asarray(sampling.generate(
             self.model, ids, mask, steps=length, gen_length=length, block_length=length,
@@ -283,14 +298,14 @@ class LLaDAEval(LM):
     gen_kwargs = dict(gen_kwargs or {})
     until = gen_kwargs.get("until") or []
     until = [until] if isinstance(until, str) else list(until)
-    ignored = set(gen_kwargs) - set(sample.SAMPLER_ARGS) - IGNORED_GEN_KWARGS
+    ignored = set(gen_kwargs) - set(settings_lib.SAMPLER_ARGS) - IGNORED_GEN_KWARGS
     if ignored - self._warned_gen_kwargs:
       log.warning("generation kwargs %s are not llada_jax.generate settings; ignored",
                   sorted(ignored))
       self._warned_gen_kwargs |= ignored
     settings = {**self.gen_settings, **{
-        k: convert_arg(k, v, sample.SAMPLER_ARGS[k]) for k, v in gen_kwargs.items()
-        if k in sample.SAMPLER_ARGS}}
+        k: convert_arg(k, v, settings_lib.SAMPLER_ARGS[k]) for k, v in gen_kwargs.items()
+        if k in settings_lib.SAMPLER_ARGS}}
     return settings, until
 
   def _decode(self, ids: np.ndarray, until: list[str]) -> str:
@@ -305,7 +320,7 @@ class LLaDAEval(LM):
       settings, until = self._request_settings(gen_kwargs)
       ids = self.tok.encode(context) or [self.prefix_id]
       ids = self._fit(ids, [0] * settings["gen_length"], self.max_length)
-      sample._check({**settings, "seed": self.seed}, self.model.config, len(ids))  # pylint: disable=protected-access
+      settings_lib.check_settings({**settings, "seed": self.seed}, self.model.config, len(ids))
       prompts.append(ids)
       untils.append(until)
       jobs.setdefault(tuple(sorted(settings.items())), []).append(n)
@@ -314,12 +329,11 @@ class LLaDAEval(LM):
       for b, (key, members) in enumerate(jobs.items()):
         members.sort(key=lambda n: -len(prompts[n]))
         for c, chunk in enumerate(_chunks(members, self.batch_size)):
-          longest = len(prompts[chunk[0]])
-          limit = self.model.config.max_sequence_length - dict(key)["gen_length"]
-          length = min(bucket(longest), max(limit, longest))
-          # Rows padded to a power of two so that few shapes compile.
-          rows = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
-          ids, mask = sample.left_pad([prompts[n] for n in chunk], length, self.tok.pad_id, rows)
+          length, rows = self.padded_shape(
+              len(prompts[chunk[0]]), len(chunk),
+              self.model.config.max_sequence_length - dict(key)["gen_length"])
+          ids, mask = settings_lib.left_pad([prompts[n] for n in chunk], length, self.tok.pad_id,
+                                            rows)
           rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), b), c)
           tokens = np.asarray(sampling.generate(self.model, ids, mask, rng=rng, **dict(key)))
           for row, n in enumerate(chunk):

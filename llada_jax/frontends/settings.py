@@ -1,0 +1,140 @@
+"""What every front end shares: the sampler and model flags (a model is a
+directory or a Hub id), the settings check, and the one rule that pads prompts
+into few shapes.
+
+Sampler flags carry `generate`'s argument names and defaults (taken from its
+signature, so a new sampler setting becomes a flag everywhere) plus --seed.
+
+Buckets. `jax.jit` compiles one program per prompt length and batch size, so
+front ends pad prompts (left, masked: padding changes no token and no draw)
+to few shapes. The one rule: a length goes up to the next power of two, at
+least `floor`, at most `limit` (the longest prompt the context allows); a
+batch goes up to the next power of two rows, at most `batch_size`.
+
+- Few programs: lengths up to 4096 fall in at most 9 buckets (16 ... 4096), so
+  a whole evaluation task or a JSONL file compiles a handful of programs per
+  sampler setting, however varied its prompts.
+- A growing chat history stays in one bucket for several turns: the sampler
+  compiled for it is reused, and a new program is compiled only when the
+  history doubles (5 sampler programs for a 10-turn chat at the defaults).
+  Finer buckets (e.g. multiples of a granule) would recompile nearly every
+  turn, as a turn adds gen_length (128) tokens.
+- The price is compute on padding: < 2x on the prompt part, about 1.4x on
+  average (2 ln 2 for lengths spread evenly over an octave; the generated part
+  is never padded). Every new shape instead costs a whole compile of the
+  model's program, and the shape count grows with the bucket count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from llada_jax.checkpoints import hub
+from llada_jax.sampling import kv_cache
+from llada_jax.sampling import sampler as sampling
+
+# generate's sampler arguments and their defaults, from its signature.
+SAMPLER_ARGS = {
+    name: p.default for name, p in inspect.signature(sampling.generate).parameters.items()
+    if p.kind == p.KEYWORD_ONLY and name not in ("rng", "trace", "constraints", "return_nfe")}
+# Flags whose default is None: their value type.
+OPTIONAL_TYPES = {"cache_refresh": int, "threshold": float, "factor": float}
+LINE_SETTINGS = set(SAMPLER_ARGS) | {"seed"}
+MIN_LENGTH = 16  # the shortest padded prompt
+
+
+def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
+  """--steps --gen_length ... (generate's names and defaults) and --seed."""
+  group = parser.add_argument_group("sampler (llada_jax.generate's arguments)")
+  for name, default in SAMPLER_ARGS.items():
+    if isinstance(default, bool):
+      group.add_argument(f"--{name}", action="store_true")
+    elif name == "remasking":
+      group.add_argument(f"--{name}", default=default, choices=sampling.REMASKING)
+    elif name == "cache":
+      group.add_argument(f"--{name}", default=default, choices=kv_cache.CACHES)
+    elif default is None:
+      group.add_argument(f"--{name}", type=OPTIONAL_TYPES[name], default=None)
+    else:
+      group.add_argument(f"--{name}", type=type(default), default=default)
+  group.add_argument("--seed", type=int, default=0, help="PRNG seed (generate's rng)")
+
+
+def sampler_settings(args: argparse.Namespace) -> dict[str, Any]:
+  """The sampler flags as a dict: generate's keyword arguments plus "seed"."""
+  return {name: getattr(args, name) for name in LINE_SETTINGS}
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+  """--checkpoint, --tokenizer, --dtype: the model a front end loads."""
+  parser.add_argument("--checkpoint", required=True,
+                      help="model directory (HF snapshot, converted checkpoint or training "
+                      "workdir) or Hugging Face Hub id owner/name[@revision]")
+  parser.add_argument("--tokenizer",
+                      help="tokenizer directory, file or Hub id (default: --checkpoint's)")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="compute and parameter dtype")
+
+
+def model_paths(checkpoint: str, tokenizer: str | None = None,
+                names: tuple[str, str] = ("--checkpoint: ", "--tokenizer: ")) -> tuple[str, str]:
+  """Local (model directory, tokenizer path) of the model flags: a directory, or a Hub
+  id (`hub.resolve_model_dir`: downloaded once into the Hub cache); the tokenizer
+  defaults to the model directory. Errors start with the flag's name from `names`."""
+  try:
+    checkpoint = hub.resolve_model_dir(checkpoint)
+  except (ValueError, FileNotFoundError) as e:
+    raise type(e)(f"{names[0]}{e}") from e
+  if tokenizer is None:
+    return checkpoint, checkpoint
+  if not os.path.exists(tokenizer) and hub.parse_hub_id(tokenizer):
+    try:
+      tokenizer = hub.resolve_model_dir(tokenizer)
+    except (ValueError, FileNotFoundError) as e:
+      raise type(e)(f"{names[1]}{e}") from e
+  return checkpoint, tokenizer
+
+
+def check_settings(settings: dict[str, Any], cfg=None, prompt_len: int = 0) -> None:
+  """ValueError naming the bad setting of `settings` (generate's arguments + "seed");
+  with a model config, also that a prompt of `prompt_len` tokens + gen_length fits."""
+  for name in ("logits_eos_inf", "confidence_eos_eot_inf", "stop_at_eos"):
+    if not isinstance(settings[name], bool):
+      raise ValueError(f"{name}: expected true or false, got {settings[name]!r}")
+  if isinstance(settings["seed"], bool) or not isinstance(settings["seed"], int):
+    raise ValueError(f"seed: expected an integer, got {settings['seed']!r}")
+  sampling.check_settings(cfg, prompt_len,
+                          **{k: v for k, v in settings.items() if k != "seed"})
+
+
+def bucket_length(n: int, limit: int | None = None, floor: int = MIN_LENGTH) -> int:
+  """Padded length of an n-token prompt: the next power of two >= max(n, floor),
+  capped at `limit` (ValueError when n > limit). See the module docstring."""
+  if limit is not None and n > limit:
+    raise ValueError(f"prompt length {n} exceeds the limit {limit}")
+  length = 1 << (max(n, floor, 1) - 1).bit_length()
+  return length if limit is None else min(length, limit)
+
+
+def bucket_rows(n: int, batch_size: int) -> int:
+  """Padded row count of a batch of n prompts: the next power of two, at most
+  `batch_size` (the full batch)."""
+  return min(batch_size, 1 << (n - 1).bit_length())
+
+
+def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int,
+             num_rows: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+  """Left-pads id lists to `length` (and to `num_rows` rows by repeating the last):
+  -> ids int32 [R, length], attention mask [R, length] (None when nothing is padded)."""
+  rows = list(rows) + [rows[-1]] * ((num_rows or len(rows)) - len(rows))
+  ids = np.full((len(rows), length), pad_id, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for r, row in enumerate(rows):
+    ids[r, length - len(row):] = row
+    mask[r, length - len(row):] = 1
+  return ids, (None if mask.all() else mask)
