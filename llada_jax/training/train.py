@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from llada_jax import sharding
 from llada_jax import tokenizer as tokenizer_lib
+from llada_jax.checkpoints import hub
 from llada_jax.checkpoints import layout
 from llada_jax.checkpoints import loading
 from llada_jax.config import ModelConfig, config_from_model_dir
@@ -420,6 +421,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   """
   t_start = time.time()
   _check_config(cfg)
+  if cfg.init_from:  # a directory, or a Hub id resolved to its local snapshot
+    cfg.init_from = hub.resolve_model_dir(cfg.init_from)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   mesh = make_mesh(cfg)
