@@ -103,8 +103,23 @@ class ModelConfig:
   attention: str = "xla"  # "xla" | "splash" (TPU Pallas kernel)
   remat_policy: str = "none"  # see model.REMAT_POLICIES
   scan_layers: bool = True
+  # Model family (llada_jax/models/<family>.py) and the settings only some families use.
+  family: str = "llada"  # "llada" (dense LLaDA-8B) | "llada_moe" (LLaDA-MoE)
+  qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE
+  partial_rotary_factor: float = 1.0  # RoPE rotates the first int(head_dim * f) dims
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_hidden_size: int = 0  # each expert's SwiGLU hidden size
+  shared_expert_hidden_size: int = 0  # 0: no shared expert
+  moe_layers: tuple[int, ...] = ()  # per layer: 1 = MoE, 0 = dense (mlp_hidden_size)
+  expert_bias: bool = False  # router bias added to the probabilities (LLaDA-MoE)
+  router_aux_loss_coef: float = 0.0  # load-balancing loss weight (training)
+  router_z_loss_coef: float = 0.0  # router z-loss weight (training)
+  moe_impl: str = "auto"  # expert dispatch: see layers/moe.py IMPLS
 
   def __post_init__(self):
+    if isinstance(self.moe_layers, list):
+      object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
     _check(self.d_model % self.n_heads == 0, "d_model",
            f"{self.d_model} is not a multiple of n_heads={self.n_heads}")
     _check(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
@@ -116,6 +131,14 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       _check(getattr(self, name) in ("float32", "bfloat16"), name,
              f"{getattr(self, name)!r} is not 'float32' or 'bfloat16'")
+    _check(self.family in ("llada", "llada_moe"), "family",
+           f"{self.family!r} is not 'llada' or 'llada_moe'")
+    if self.family == "llada_moe":
+      _check(self.num_experts > 0 and 1 <= self.num_experts_per_tok <= self.num_experts,
+             "num_experts_per_tok", f"{self.num_experts_per_tok} is not in [1, num_experts="
+             f"{self.num_experts}]")
+      _check(len(self.moe_layers) == self.n_layers, "moe_layers",
+             f"has {len(self.moe_layers)} entries for n_layers={self.n_layers}")
     _check(self.attention in ("xla", "splash"), "attention",
            f"{self.attention!r} is not 'xla' or 'splash'")
     for name in ("mask_token_id", "eos_token_id", "pad_token_id",
@@ -127,6 +150,11 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.n_heads
+
+  @property
+  def rotary_dim(self) -> int:
+    """Dims of each head RoPE rotates (the first ones)."""
+    return int(self.head_dim * self.partial_rotary_factor)
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
@@ -174,6 +202,9 @@ class ModelConfig:
     if hf.get("model_type") != "llada":
       raise ValueError(
           f"config.json: model_type is {hf.get('model_type')!r}, expected 'llada'")
+    if "num_experts" in hf or "hidden_size" in hf:  # LLaDA-MoE: same model_type, other keys
+      from llada_jax.models import llada_moe  # pylint: disable=g-import-not-at-top
+      return cls.from_dict(llada_moe.config_from_hf(hf, **overrides))
     for key, want in _HF_REQUIRED.items():
       if key in hf and hf[key] != want and not (want is None and hf[key] is False):
         raise ValueError(
@@ -207,6 +238,9 @@ class ModelConfig:
 
   def to_hf(self, torch_dtype: str | None = None) -> dict[str, Any]:
     """The HF `config.json` dict, with the keys of the released checkpoint."""
+    if self.family == "llada_moe":
+      from llada_jax.models import llada_moe  # pylint: disable=g-import-not-at-top
+      return llada_moe.config_to_hf(self, torch_dtype)
     hf: dict[str, Any] = {
         "activation_type": "silu",
         "alibi": False,

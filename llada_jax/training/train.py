@@ -40,7 +40,7 @@ from llada_jax import tokenizer as tokenizer_lib
 from llada_jax.checkpoints import layout
 from llada_jax.checkpoints import loading
 from llada_jax.config import ModelConfig, config_from_model_dir
-from llada_jax.models import llada as model_lib
+from llada_jax import models
 from llada_jax.sampling.sampler import generate
 from llada_jax.training import data as data_lib
 from llada_jax.training import flops as flops_lib
@@ -147,7 +147,7 @@ def state_shardings(graphdef_state: nnx.State, tx: optax.GradientTransformation,
 def compile_train_step(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh,
                        lr_scale: float = 1.0, rules=sharding.DEFAULT_RULES):
   """(jitted step, abstract state with shardings, schedule, graphdef) for `cfg` on `mesh`."""
-  graphdef, abstract_params = nnx.split(model_lib.abstract(model_cfg, mesh=mesh, rules=rules))
+  graphdef, abstract_params = nnx.split(models.abstract(model_cfg, mesh=mesh, rules=rules))
   tx, schedule = optimizer_lib.from_config(cfg, lr_scale)
   abstract, shardings = state_shardings(abstract_params, tx, mesh, rules)
   step_fn = functools.partial(train_step, graphdef=graphdef, model_cfg=model_cfg, tx=tx,
@@ -164,7 +164,7 @@ def init_state(cfg, model_cfg: ModelConfig, abstract: dict[str, Any],
   """Fresh sharded state: random params (or `init_params`) and a new optimiser state."""
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   if init_params is None:
-    init_params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(model_lib.init(model_cfg, cfg.seed))[1]),
+    init_params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(models.init(model_cfg, cfg.seed))[1]),
                           out_shardings=shardings["params"])()
   params = jax.device_put(jax.tree.map(lambda x: x.astype(jnp.float32), init_params),
                           shardings["params"])
