@@ -159,21 +159,35 @@ class ModelConfig:
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
 
-  def num_params(self, include_embedding: bool = True) -> int:
-    """Parameter count (the 8B config gives 8,015,581,184)."""
+  def _ffn_params(self, active: bool) -> int:
+    """FFN weights of all layers (MoE layers: all experts, or the k active ones)."""
+    d = self.d_model
+    if self.family != "llada_moe":
+      return self.n_layers * 3 * d * self.mlp_hidden_size
+    n_moe = sum(self.moe_layers)
+    experts = self.num_experts_per_tok if active else self.num_experts
+    per_moe = (experts * 3 * d * self.moe_hidden_size + d * self.num_experts
+               + 3 * d * self.shared_expert_hidden_size + self.num_experts * self.expert_bias)
+    return n_moe * per_moe + (self.n_layers - n_moe) * 3 * d * self.mlp_hidden_size
+
+  def num_params(self, include_embedding: bool = True, active: bool = False) -> int:
+    """Parameter count (the 8B config gives 8,015,581,184); `active`: MoE counts only
+    the experts each token runs (k of E)."""
     d, hd = self.d_model, self.head_dim
-    attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
-    mlp = 3 * d * self.mlp_hidden_size
-    per_layer = attn + mlp + 2 * d
+    attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads) + 2 * d
+    attn += 2 * hd if self.qk_norm else 0
     embed = self.embedding_size * d * (1 if self.weight_tying else 2)
-    return self.n_layers * per_layer + d + (embed if include_embedding else 0)
+    return (self.n_layers * attn + self._ffn_params(active) + d
+            + (embed if include_embedding else 0))
 
   def forward_flops_per_token(self, seq_len: int) -> float:
-    """Model FLOPs of one forward pass per token: 2 per weight multiply-add
-    (embedding lookup excluded) plus full non-causal attention, 4·L·D per layer."""
+    """Model FLOPs of one forward pass per token: 2 per weight multiply-add of the
+    weights a token uses (MoE: its k experts; embedding lookup excluded) plus full
+    non-causal attention, 4·L·D per layer."""
     d, hd = self.d_model, self.head_dim
-    matmul_params = self.n_layers * (d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
-                                     + 3 * d * self.mlp_hidden_size)
+    matmul_params = self.n_layers * d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+    matmul_params += self._ffn_params(active=True) - (
+        sum(self.moe_layers) * self.num_experts * self.expert_bias)
     matmul_params += self.embedding_size * d  # the output head
     return 2.0 * matmul_params + 4.0 * self.n_layers * seq_len * d
 
