@@ -103,8 +103,23 @@ class ModelConfig:
   attention: str = "xla"  # "xla" | "splash" (TPU Pallas kernel)
   remat_policy: str = "none"  # see model.REMAT_POLICIES
   scan_layers: bool = True
+  # Model family (llada_jax/models/<family>.py) and the settings only some families use.
+  family: str = "llada"  # "llada" (dense LLaDA-8B) | "llada_moe" (LLaDA-MoE)
+  qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE
+  partial_rotary_factor: float = 1.0  # RoPE rotates the first int(head_dim * f) dims
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_hidden_size: int = 0  # each expert's SwiGLU hidden size
+  shared_expert_hidden_size: int = 0  # 0: no shared expert
+  moe_layers: tuple[int, ...] = ()  # per layer: 1 = MoE, 0 = dense (mlp_hidden_size)
+  expert_bias: bool = False  # router bias added to the probabilities (LLaDA-MoE)
+  router_aux_loss_coef: float = 0.0  # load-balancing loss weight (training)
+  router_z_loss_coef: float = 0.0  # router z-loss weight (training)
+  moe_impl: str = "auto"  # expert dispatch: see layers/moe.py IMPLS
 
   def __post_init__(self):
+    if isinstance(self.moe_layers, list):
+      object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
     _check(self.d_model % self.n_heads == 0, "d_model",
            f"{self.d_model} is not a multiple of n_heads={self.n_heads}")
     _check(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
@@ -116,6 +131,14 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       _check(getattr(self, name) in ("float32", "bfloat16"), name,
              f"{getattr(self, name)!r} is not 'float32' or 'bfloat16'")
+    _check(self.family in ("llada", "llada_moe"), "family",
+           f"{self.family!r} is not 'llada' or 'llada_moe'")
+    if self.family == "llada_moe":
+      _check(self.num_experts > 0 and 1 <= self.num_experts_per_tok <= self.num_experts,
+             "num_experts_per_tok", f"{self.num_experts_per_tok} is not in [1, num_experts="
+             f"{self.num_experts}]")
+      _check(len(self.moe_layers) == self.n_layers, "moe_layers",
+             f"has {len(self.moe_layers)} entries for n_layers={self.n_layers}")
     _check(self.attention in ("xla", "splash"), "attention",
            f"{self.attention!r} is not 'xla' or 'splash'")
     for name in ("mask_token_id", "eos_token_id", "pad_token_id",
@@ -128,24 +151,43 @@ class ModelConfig:
   def head_dim(self) -> int:
     return self.d_model // self.n_heads
 
+  @property
+  def rotary_dim(self) -> int:
+    """Dims of each head RoPE rotates (the first ones)."""
+    return int(self.head_dim * self.partial_rotary_factor)
+
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
 
-  def num_params(self, include_embedding: bool = True) -> int:
-    """Parameter count (the 8B config gives 8,015,581,184)."""
+  def _ffn_params(self, active: bool) -> int:
+    """FFN weights of all layers (MoE layers: all experts, or the k active ones)."""
+    d = self.d_model
+    if self.family != "llada_moe":
+      return self.n_layers * 3 * d * self.mlp_hidden_size
+    n_moe = sum(self.moe_layers)
+    experts = self.num_experts_per_tok if active else self.num_experts
+    per_moe = (experts * 3 * d * self.moe_hidden_size + d * self.num_experts
+               + 3 * d * self.shared_expert_hidden_size + self.num_experts * self.expert_bias)
+    return n_moe * per_moe + (self.n_layers - n_moe) * 3 * d * self.mlp_hidden_size
+
+  def num_params(self, include_embedding: bool = True, active: bool = False) -> int:
+    """Parameter count (the 8B config gives 8,015,581,184); `active`: MoE counts only
+    the experts each token runs (k of E)."""
     d, hd = self.d_model, self.head_dim
-    attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
-    mlp = 3 * d * self.mlp_hidden_size
-    per_layer = attn + mlp + 2 * d
+    attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads) + 2 * d
+    attn += 2 * hd if self.qk_norm else 0
     embed = self.embedding_size * d * (1 if self.weight_tying else 2)
-    return self.n_layers * per_layer + d + (embed if include_embedding else 0)
+    return (self.n_layers * attn + self._ffn_params(active) + d
+            + (embed if include_embedding else 0))
 
   def forward_flops_per_token(self, seq_len: int) -> float:
-    """Model FLOPs of one forward pass per token: 2 per weight multiply-add
-    (embedding lookup excluded) plus full non-causal attention, 4·L·D per layer."""
+    """Model FLOPs of one forward pass per token: 2 per weight multiply-add of the
+    weights a token uses (MoE: its k experts; embedding lookup excluded) plus full
+    non-causal attention, 4·L·D per layer."""
     d, hd = self.d_model, self.head_dim
-    matmul_params = self.n_layers * (d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
-                                     + 3 * d * self.mlp_hidden_size)
+    matmul_params = self.n_layers * d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+    matmul_params += self._ffn_params(active=True) - (
+        sum(self.moe_layers) * self.num_experts * self.expert_bias)
     matmul_params += self.embedding_size * d  # the output head
     return 2.0 * matmul_params + 4.0 * self.n_layers * seq_len * d
 
@@ -174,6 +216,9 @@ class ModelConfig:
     if hf.get("model_type") != "llada":
       raise ValueError(
           f"config.json: model_type is {hf.get('model_type')!r}, expected 'llada'")
+    if "num_experts" in hf or "hidden_size" in hf:  # LLaDA-MoE: same model_type, other keys
+      from llada_jax.models import llada_moe  # pylint: disable=g-import-not-at-top
+      return cls.from_dict(llada_moe.config_from_hf(hf, **overrides))
     for key, want in _HF_REQUIRED.items():
       if key in hf and hf[key] != want and not (want is None and hf[key] is False):
         raise ValueError(
@@ -207,6 +252,9 @@ class ModelConfig:
 
   def to_hf(self, torch_dtype: str | None = None) -> dict[str, Any]:
     """The HF `config.json` dict, with the keys of the released checkpoint."""
+    if self.family == "llada_moe":
+      from llada_jax.models import llada_moe  # pylint: disable=g-import-not-at-top
+      return llada_moe.config_to_hf(self, torch_dtype)
     hf: dict[str, Any] = {
         "activation_type": "silu",
         "alibi": False,

@@ -18,12 +18,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+EXPERT_MESH_AXES = ("data", "fsdp", "expert", "tensor")  # for expert-parallel MoE runs
 
 # (logical axis, mesh axis or axes or None). FSDP shards the model dimension of
 # every weight; tensor parallelism splits heads, MLP and vocabulary; the batch
-# is split over both data axes.
+# is split over the data axes (and `expert`: MoE meshes add that axis, see
+# EXPERT_MESH_AXES; mesh axes a mesh lacks are ignored).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -32,6 +34,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),
+    ("experts", "expert"),  # MoE: experts over the `expert` mesh axis (when the mesh has one)
 )
 
 Rules = Sequence[tuple[str, Any]]

@@ -146,7 +146,7 @@ def test_chunked_model_loss_and_grads_equal_full_logits(tiny_model, variant):
   ids_BL = jax.random.randint(jax.random.key(0), (2, 24), 0, 900)
   noise = objectives.pretrain_noise(jax.random.key(1), ids_BL, model.config.mask_token_id,
                                     crop_prob=1.0)  # a crop: the attention mask is used too
-  loss = lambda p, chunk: train.model_loss(nnx.merge(graphdef, p), ids_BL, noise, chunk)
+  loss = lambda p, chunk: train.model_loss(nnx.merge(graphdef, p), ids_BL, noise, chunk)[0]
   (full, g_full), (chunked, g_chunked) = (
       jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, c) for c in (0, 300))
   np.testing.assert_allclose(float(chunked), float(full), rtol=1e-5)
@@ -278,3 +278,25 @@ if __name__ == "__main__":
   train.define_flags()
   flags.DEFINE_integer("kill_at_step", -1, "SIGKILL the run once this step has ended")
   app.run(lambda argv: train.main(argv, on_step=_kill_at(flags.FLAGS.kill_at_step)))
+
+
+def test_moe_sft_from_the_fixture_logs_router_losses(token_data, tmp_path, capsys):
+  """init_from a LLaDA-MoE snapshot: SFT steps run, the router losses are logged apart,
+  and the workdir loads as a LLaDA-MoE model again."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import llada_jax  # pylint: disable=g-import-not-at-top
+  src = tmp_path / "moe"
+  shutil.copytree(os.path.join(REPO, "tests", "fixtures", "lladamoe_tiny"), src)
+  hf = json.loads((src / "config.json").read_text())
+  (src / "config.json").write_text(json.dumps({**hf, "mask_token_id": 483}))
+  workdir = str(tmp_path / "ft")
+  cfg = _config(init_from=str(src), total_steps=4, log_every=2,
+                **{"data.source": token_data, "kind": "sft", "checkpoint.every_steps": 4,
+                   "samples.num": 0})
+  result = train.train_and_evaluate(cfg, workdir)
+  out = capsys.readouterr().out
+  assert "load_balancing_loss" in out and np.isfinite(result["loss"]), out
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert all(r["load_balancing_loss"] >= 1.0 - 1e-3 for r in rows), rows  # E·Σ f·P ≥ 1
+  tuned = llada_jax.load(workdir)
+  assert tuned.config.family == "llada_moe" and tuned.config.num_experts == 8

@@ -26,7 +26,7 @@ import numpy as np
 
 from llada_jax.config import ModelConfig
 from llada_jax.layers.params import ParamSpec
-from llada_jax.models import llada
+from llada_jax import models
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -35,20 +35,22 @@ NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 def tensor_maps(cfg: ModelConfig) -> list[tuple[ParamSpec, tuple[int, ...]]]:
   """(table entry, full Flax shape) for every parameter this config has."""
-  sizes = llada.dim_sizes(cfg)
-  return [(spec, spec.shape(sizes)) for spec in llada.param_specs(cfg)]
+  family = models.family(cfg)
+  sizes = family.dim_sizes(cfg)
+  return [(spec, spec.shape(sizes)) for spec in family.param_specs(cfg)]
+
+
+def hf_entries(cfg: ModelConfig) -> list[tuple[ParamSpec, tuple[int, ...], list]]:
+  """(table entry, full Flax shape, [(index into it, HF name)]) for every parameter."""
+  family = models.family(cfg)
+  sizes, layer_ids = family.dim_sizes(cfg), family.layer_ids(cfg)
+  return [(spec, shape, spec.hf_entries(sizes, layer_ids)) for spec, shape in tensor_maps(cfg)]
 
 
 def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """Every HF tensor name the config implies, with its shape."""
-  out = {}
-  for m, shape in tensor_maps(cfg):
-    if m.stacked:
-      for i in range(shape[0]):
-        out[m.hf_name(i)] = m.hf_shape(shape[1:])
-    else:
-      out[m.hf_name()] = m.hf_shape(shape)
-  return out
+  return {name: spec.hf_shape(shape[len(index):])
+          for spec, shape, entries in hf_entries(cfg) for index, name in entries}
 
 
 # safetensors dtype names <-> numpy dtypes (the float types a LLaDA checkpoint uses).
@@ -368,25 +370,25 @@ def read_params(reader, cfg: ModelConfig, dtype: str | None = None
   """Yields (Flax param path, numpy array in Flax layout), one parameter at a time.
 
   `reader` has `.get(name)`; `dtype` casts (default: the stored dtype).
-  Stacked parameters are assembled layer by layer into one buffer; nothing is
-  kept after a parameter is yielded, so once the caller drops it at most one
-  (stacked) parameter is resident. An unstacked one is yielded without a copy
-  (a transposed view when the layouts differ).
+  Stacked parameters are assembled tensor by tensor (layer, expert) into one
+  buffer; nothing is kept after a parameter is yielded, so once the caller
+  drops it at most one (stacked) parameter is resident. An unstacked one is
+  yielded without a copy (a transposed view when the layouts differ).
   """
   np_dtype = NP_DTYPES[dtype] if dtype else None
-  for m, shape in tensor_maps(cfg):
-    if m.stacked:
-      buf = None
-      for i in range(shape[0]):
-        w = m.to_flax(reader.get(m.hf_name(i)), shape[1:])
-        if buf is None:
-          buf = np.empty(shape, np_dtype or w.dtype)
-        buf[i] = w
-        del w
-      yield m.path, buf
-    else:
-      buf = m.to_flax(reader.get(m.hf_name()), shape)
-      yield m.path, buf if np_dtype is None else buf.astype(np_dtype, copy=False)
+  for spec, shape, entries in hf_entries(cfg):
+    if not spec.stacked:
+      buf = spec.to_flax(reader.get(spec.hf), shape)
+      yield spec.path, buf if np_dtype is None else buf.astype(np_dtype, copy=False)
+      continue
+    buf = None
+    for index, name in entries:
+      w = spec.to_flax(reader.get(name), shape[len(index):])
+      if buf is None:
+        buf = np.empty(shape, np_dtype or w.dtype)
+      buf[index] = w
+      del w
+    yield spec.path, buf
     del buf
 
 
@@ -394,14 +396,11 @@ def hf_tensors(params: dict[str, np.ndarray], cfg: ModelConfig
                ) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (HF name, array in HF layout) from Flax params keyed by path.
 
-  `params` is any mapping (e.g. `checkpoint.OrbaxParams`, which restores on
-  lookup); the names come in `expected_hf_shapes(cfg)` order.
+  `params` is any mapping (e.g. `checkpoints.orbax.OrbaxParams`, which
+  restores on lookup); the names come in `expected_hf_shapes(cfg)` order.
   """
-  for m, _ in tensor_maps(cfg):
-    w = params[m.path]
-    if m.stacked:
-      for i in range(w.shape[0]):
-        yield m.hf_name(i), m.to_hf(np.asarray(w[i]))
-    else:
-      yield m.hf_name(), m.to_hf(np.asarray(w))
+  for spec, _, entries in hf_entries(cfg):
+    w = params[spec.path]
+    for index, name in entries:
+      yield name, spec.to_hf(np.asarray(w[index]))
     del w  # `params` may restore lazily: hold one parameter at a time

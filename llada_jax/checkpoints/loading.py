@@ -18,7 +18,7 @@ from llada_jax.checkpoints import hf as hf_checkpoint
 from llada_jax.checkpoints import hub
 from llada_jax.checkpoints.layout import model_dir_kind, read_config
 from llada_jax.checkpoints.orbax import flat_params, restore_params
-from llada_jax.models import llada as model_lib
+from llada_jax import models
 
 def _set_path(state: nnx.State, path: str, value) -> None:
   node = state
@@ -38,7 +38,7 @@ def _placer(state: nnx.State, mesh: Mesh | None, rules):
 
 def load(path: str, dtype: str = "float32", param_dtype: str | None = None, *,
          mesh: Mesh | None = None, rules: Any = sharding.DEFAULT_RULES,
-         revision: str | None = None, **config_overrides) -> model_lib.Transformer:
+         revision: str | None = None, **config_overrides) -> nnx.Module:
   """Loads a LLaDA model directory of any kind (HF snapshot, converted, workdir).
 
   Args:
@@ -57,7 +57,7 @@ def load(path: str, dtype: str = "float32", param_dtype: str | None = None, *,
   """
   path = hub.resolve_model_dir(path, revision)
   cfg = read_config(path, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
-  abstract_model = model_lib.abstract(cfg, mesh=mesh, rules=rules)
+  abstract_model = models.abstract(cfg, mesh=mesh, rules=rules)
   graphdef, state = nnx.split(abstract_model)
   if model_dir_kind(path) == "hf":
     reader = hf_checkpoint.open_reader(path)

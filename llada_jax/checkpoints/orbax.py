@@ -15,7 +15,7 @@ from flax import traverse_util
 from llada_jax.checkpoints import hf as hf_checkpoint
 from llada_jax.checkpoints.layout import params_pytree_dir
 from llada_jax.config import ModelConfig
-from llada_jax.models import llada as model_lib
+from llada_jax import models
 
 # Orbax array chunks of at most this many bytes: a sharded restore reads only
 # the chunks its shards overlap.
@@ -108,7 +108,7 @@ class OrbaxParams(Mapping):
     self.dtype = dtype
 
   def check(self, cfg: ModelConfig) -> None:
-    check_params(self.stored, model_lib.param_shapes(cfg), self.pytree_dir)
+    check_params(self.stored, models.param_shapes(cfg), self.pytree_dir)
 
   def source_dtype(self) -> str:
     kinds = sorted({str(d) for _, d in self.stored.values()})

@@ -23,7 +23,7 @@ from llada_jax.checkpoints import hub
 from llada_jax.checkpoints import layout
 from llada_jax.checkpoints import orbax as checkpoint
 from llada_jax.convert import staging
-from llada_jax.models.llada import param_shapes
+from llada_jax.models import param_shapes
 
 
 def convert(hf_dir: str, output_dir: str, dtype: str | None = None,

@@ -84,3 +84,47 @@ def attention(q_BLNH, k_BSKH, v_BSKH, mask_BS=None, *, impl: str = "xla"):
   if impl == "splash" and jax.default_backend() == "tpu":
     return splash_attention(q_BLNH, k_BSKH, v_BSKH, mask_BS)
   return xla_attention(q_BLNH, k_BSKH, v_BSKH, mask_BS)
+
+
+def _project(x_BWD: jax.Array, w_DXH: jax.Array) -> jax.Array:
+  return jnp.einsum("bwd,dxh->bwxh", x_BWD, w_DXH.astype(x_BWD.dtype))
+
+
+def self_attention(p: dict[str, jax.Array], n_BWD: jax.Array, mask_BS: jax.Array | None,
+                   sin_WR: jax.Array, cos_WR: jax.Array, *, impl: str, eps: float,
+                   constrain=lambda x, names: x, kv_BSKH=None, start=0, fresh_from=None):
+  """The attention sublayer on normed inputs n [B, W, D] -> (out [B, W, D], (k, v)).
+
+  p: q_proj [D, N, H], k_proj/v_proj [D, K, H], attn_out [N, H, D], and
+  optionally q_norm/k_norm [H] (per-head RMSNorm before RoPE, `eps`). RoPE
+  rotates the first R dims of each head (R = the tables' width).
+  Without `kv_BSKH` the W positions attend to themselves (S = W). With a cached
+  (k, v) pair of length S, the window's fresh keys/values are written into it
+  at `start` and the window attends to all S positions; window positions
+  before `fresh_from` (absolute, may be traced) keep the cached ones instead.
+  (k, v) [B, S, K, H] are returned after RoPE.
+  """
+  from llada_jax.layers.norms import rms_norm  # pylint: disable=g-import-not-at-top
+  from llada_jax.layers.rope import apply_rope  # pylint: disable=g-import-not-at-top
+  dt = n_BWD.dtype
+  q_BWNH, k_BWKH, v_BWKH = (_project(n_BWD, p[name]) for name in ("q_proj", "k_proj", "v_proj"))
+  if "q_norm" in p:
+    q_BWNH, k_BWKH = rms_norm(q_BWNH, p["q_norm"], eps), rms_norm(k_BWKH, p["k_norm"], eps)
+  q_BWNH = constrain(apply_rope(q_BWNH, sin_WR, cos_WR), ("batch", "length", "heads", "head_dim"))
+  k_BWKH = constrain(apply_rope(k_BWKH, sin_WR, cos_WR), ("batch", "length", "kv_heads", "head_dim"))
+  if kv_BSKH is None:
+    k_BSKH, v_BSKH = k_BWKH, v_BWKH
+  else:
+    W = n_BWD.shape[1]
+    if fresh_from is not None:
+      stale_W1 = (start + jnp.arange(W) < fresh_from)[:, None, None]
+      k_BWKH, v_BWKH = (
+          jnp.where(stale_W1, jax.lax.dynamic_slice_in_dim(cached, start, W, axis=1), fresh)
+          for fresh, cached in ((k_BWKH, kv_BSKH[0]), (v_BWKH, kv_BSKH[1])))
+    k_BSKH = jax.lax.dynamic_update_slice_in_dim(kv_BSKH[0], k_BWKH.astype(kv_BSKH[0].dtype),
+                                                 start, axis=1)
+    v_BSKH = jax.lax.dynamic_update_slice_in_dim(kv_BSKH[1], v_BWKH.astype(kv_BSKH[1].dtype),
+                                                 start, axis=1)
+  att_BWNH = attention(q_BWNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask_BS, impl=impl)
+  out_BWD = jnp.einsum("bwnh,nhd->bwd", att_BWNH, p["attn_out"].astype(dt))
+  return out_BWD, (k_BSKH, v_BSKH)

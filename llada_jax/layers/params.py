@@ -1,9 +1,11 @@
 """One table per model family drives parameter shapes, logical axes, init and the HF names.
 
-A `ParamSpec` describes one Flax parameter: its path (`blocks/...` for the
-per-layer ones, stacked on a leading `layers` axis), its dimensions as config
-letters, its logical axis names, its initialiser, and the HF state-dict
-tensor it maps to (`{i}` = layer) with how the layouts differ. Model
+A `ParamSpec` describes one Flax parameter: its path (`group/name`: the
+parameter `name` of the submodule `group`), its dimensions as config letters,
+the layer stack it is stacked over (a leading `layers` axis), its logical axis
+names, its initialiser, and the HF state-dict tensor(s) it maps to (`{i}` =
+the layer's index in the whole model, `{e}` = expert: one HF tensor per
+expert, stacked on the parameter's `E` axis) with how the layouts differ. Model
 construction (`make_params`), the checkpoint mapping (`checkpoints/hf.py`) and
 the sharding rules all read the same table.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +27,13 @@ class ParamSpec:
   """One parameter.
 
   `dims`: one config letter per (per-layer) axis, resolved by the family's
-  `dim_sizes(cfg)`; `axes`: their logical names; `init`: "ones" | "normal"
+  `dim_sizes(cfg)`; `axes`: their logical names; `init`: "ones" | "zeros" | "normal"
   (truncated normal, std fan_in^-1/2 with fan_in the size of `fan_in` dims)
   | "embed" (std 0.02); `hf`: the state-dict name; `linear_in_dims`: 0 for a
   tensor stored as is, else how many leading Flax axes form the torch
   Linear's `in` dimension (torch Linear weights are [out, in]); `present`:
-  whether a config has this parameter.
+  whether a config has this parameter; `stack`: the size letter of the layer
+  stack (e.g. "Y" = every layer) the parameter is stacked over, "" for none.
   """
   path: str
   dims: str
@@ -40,21 +43,32 @@ class ParamSpec:
   linear_in_dims: int = 0
   fan_in: str = ""
   present: Callable[[object], bool] = lambda cfg: True
+  stack: str = ""
 
   @property
   def stacked(self) -> bool:
-    return self.path.startswith("blocks/")
+    return bool(self.stack)
 
   def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
     """Full Flax shape (with the leading layers axis when stacked)."""
     per_layer = tuple(sizes[d] for d in self.dims)
-    return ((sizes["Y"],) if self.stacked else ()) + per_layer
+    return ((sizes[self.stack],) if self.stacked else ()) + per_layer
 
   def logical_axes(self) -> tuple[str, ...]:
     return (("layers",) if self.stacked else ()) + self.axes
 
-  def hf_name(self, layer: int | None = None) -> str:
-    return self.hf.format(i=layer) if self.stacked else self.hf
+  def hf_entries(self, sizes: Mapping[str, int], layer_ids: Mapping[str, Sequence[int]]
+                 ) -> list[tuple[tuple[int, ...], str]]:
+    """(index into the Flax array, HF tensor name) of each HF tensor of this parameter.
+
+    A stacked parameter has one HF tensor per layer of its stack (`layer_ids`
+    gives each stack's layers in the whole model); `{e}` in the name adds one
+    per expert (the first per-layer axis).
+    """
+    layers = list(enumerate(layer_ids[self.stack])) if self.stacked else [(None, None)]
+    experts = range(sizes["E"]) if "{e}" in self.hf else [None]
+    return [(tuple(x for x in (j, e) if x is not None), self.hf.format(i=i, e=e))
+            for j, i in layers for e in experts]
 
   def hf_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of one HF tensor given the (per-layer) Flax shape."""
@@ -82,8 +96,8 @@ def init_value(spec: ParamSpec, sizes: Mapping[str, int], key: jax.Array | None,
                ) -> jax.Array:
   """The initial value of one parameter (float32 draws cast to `dtype`)."""
   shape = spec.shape(sizes)
-  if spec.init == "ones":
-    return jnp.ones(shape, dtype)
+  if spec.init in ("ones", "zeros"):
+    return (jnp.ones if spec.init == "ones" else jnp.zeros)(shape, dtype)
   fan_in = math.prod(sizes[d] for d in spec.fan_in) if spec.fan_in else 1
   std = 0.02 if spec.init == "embed" else fan_in ** -0.5
   value = std * jax.random.truncated_normal(key, -3.0, 3.0, shape, jnp.float32)
@@ -92,6 +106,6 @@ def init_value(spec: ParamSpec, sizes: Mapping[str, int], key: jax.Array | None,
 
 def make_param(spec: ParamSpec, sizes: Mapping[str, int], rngs: nnx.Rngs, dtype) -> nnx.Param:
   """An `nnx.Param` carrying its logical axis names as `out_sharding` metadata."""
-  key = None if spec.init == "ones" else rngs.params()  # ones draw no key
+  key = None if spec.init in ("ones", "zeros") else rngs.params()  # constants draw no key
   value = init_value(spec, sizes, key, dtype)
   return nnx.Param(value, out_sharding=spec.logical_axes(), eager_sharding=False)

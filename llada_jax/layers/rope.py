@@ -15,7 +15,15 @@ def rope_tables(length: int, head_dim: int, theta: float, start=0
 
 
 def apply_rope(x_BLNH: jax.Array, sin_LH: jax.Array, cos_LH: jax.Array) -> jax.Array:
-  """Rotates dim j with dim j + H/2 by the position's angle; computed in float32."""
+  """Rotates dim j with dim j + R/2 by the position's angle; computed in float32.
+
+  R = the tables' width: when it is less than the head dim H (partial rotary
+  embeddings), dims R…H−1 pass through unchanged.
+  """
+  rot = sin_LH.shape[-1]
+  if rot < x_BLNH.shape[-1]:
+    head = apply_rope(x_BLNH[..., :rot], sin_LH, cos_LH)
+    return jnp.concatenate([head, x_BLNH[..., rot:]], axis=-1)
   x = x_BLNH.astype(jnp.float32)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)

@@ -13,6 +13,7 @@ The module knows logical axis names only; `sharding.py` maps them to a mesh.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -63,6 +64,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("ff_out", "DV", ("embed", "vocab"), "normal", _HF + "ff_out.weight", 1, "D",
               present=lambda cfg: not cfg.weight_tying),
 )
+PARAMS = tuple(dataclasses.replace(spec, stack="Y") if spec.path.startswith("blocks/") else spec
+               for spec in PARAMS)
 # Logical axis names of every parameter (per layer; scanned ones get `layers` first).
 PARAM_AXES = {spec.path: spec.axes for spec in PARAMS}
 
@@ -71,6 +74,11 @@ def dim_sizes(cfg: ModelConfig) -> dict[str, int]:
   """Size of each dimension letter used in `PARAMS`."""
   return {"D": cfg.d_model, "N": cfg.n_heads, "K": cfg.n_kv_heads, "H": cfg.head_dim,
           "F": cfg.mlp_hidden_size, "V": cfg.embedding_size, "Y": cfg.n_layers}
+
+
+def layer_ids(cfg: ModelConfig) -> dict[str, list[int]]:
+  """The model's layer indices of each layer stack of `PARAMS`."""
+  return {"Y": list(range(cfg.n_layers))}
 
 
 def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
@@ -85,51 +93,44 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 class Blocks(nnx.Module):
-  """All Transformer layers' weights, stacked on a leading `layers` axis."""
+  """One group of layer weights ({name: nnx.Param}), stacked on a leading `layers` axis."""
 
   def __init__(self, params: dict[str, nnx.Param]):
-    for path, param in params.items():
-      setattr(self, path.removeprefix("blocks/"), param)
+    for name, param in params.items():
+      setattr(self, name, param)
+
+
+def dense_ffn(p: dict[str, jax.Array], n_BWD: jax.Array, cfg: ModelConfig, constrain,
+              mask_BS: jax.Array | None):
+  """The SwiGLU MLP of a dense layer -> ([B, W, D], {} no auxiliary losses)."""
+  del cfg, mask_BS
+  return swiglu(n_BWD, p["ff_proj"], p["up_proj"], p["ff_out"], constrain), {}
 
 
 def block_forward(p: dict[str, jax.Array], x_BWD: jax.Array, mask_BS: jax.Array | None,
                   sin_WH: jax.Array, cos_WH: jax.Array, cfg: ModelConfig,
-                  constrain=lambda x, names: x, kv_BSKH=None, start=0, fresh_from=None):
-  """One Transformer layer on per-layer weights `p` (compute dtype = x's).
+                  constrain=lambda x, names: x, kv_BSKH=None, start=0, fresh_from=None,
+                  ffn=dense_ffn):
+  """One pre-norm layer on per-layer weights `p` (compute dtype = x's).
 
-  Without `kv_BSKH` the W positions attend to themselves (S = W). With a cached
-  (k, v) pair of length S, the window's fresh keys/values are written into it
-  at `start` and the window attends to all S positions; window positions
-  before `fresh_from` (absolute, may be traced) keep the cached ones instead.
-  -> (y [B, W, D], (k [B, S, K, H], v [B, S, K, H])).
+  h = x + attention(attn_norm(x)), y = h + ffn(ff_norm(h)); `ffn` (p, n, cfg,
+  constrain, mask) -> (out, aux losses) is the dense MLP here, a MoE in
+  `llada_moe`. Cache arguments as `layers.attention.self_attention`.
+  -> (y [B, W, D], (k [B, S, K, H], v [B, S, K, H]), {aux loss name: []}).
   """
-  dt = x_BWD.dtype
   n1_BWD = rms_norm(x_BWD, p["attn_norm"], cfg.rms_norm_eps)
-  q_BWNH = jnp.einsum("bwd,dnh->bwnh", n1_BWD, p["q_proj"].astype(dt))
-  k_BWKH = jnp.einsum("bwd,dkh->bwkh", n1_BWD, p["k_proj"].astype(dt))
-  v_BWKH = jnp.einsum("bwd,dkh->bwkh", n1_BWD, p["v_proj"].astype(dt))
-  q_BWNH = constrain(apply_rope(q_BWNH, sin_WH, cos_WH), ("batch", "length", "heads", "head_dim"))
-  k_BWKH = constrain(apply_rope(k_BWKH, sin_WH, cos_WH), ("batch", "length", "kv_heads", "head_dim"))
-  if kv_BSKH is None:
-    k_BSKH, v_BSKH = k_BWKH, v_BWKH
-  else:
-    W = x_BWD.shape[1]
-    if fresh_from is not None:
-      stale_W1 = (start + jnp.arange(W) < fresh_from)[:, None, None]
-      k_BWKH, v_BWKH = (
-          jnp.where(stale_W1, jax.lax.dynamic_slice_in_dim(cached, start, W, axis=1), fresh)
-          for fresh, cached in ((k_BWKH, kv_BSKH[0]), (v_BWKH, kv_BSKH[1])))
-    k_BSKH = jax.lax.dynamic_update_slice_in_dim(kv_BSKH[0], k_BWKH.astype(kv_BSKH[0].dtype),
-                                                 start, axis=1)
-    v_BSKH = jax.lax.dynamic_update_slice_in_dim(kv_BSKH[1], v_BWKH.astype(kv_BSKH[1].dtype),
-                                                 start, axis=1)
-  att_BWNH = attention_lib.attention(q_BWNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask_BS,
-                                     impl=cfg.attention)
-  h_BWD = x_BWD + jnp.einsum("bwnh,nhd->bwd", att_BWNH, p["attn_out"].astype(dt))
-  h_BWD = constrain(h_BWD, ("batch", "length", "embed"))
+  att_BWD, kv = attention_lib.self_attention(
+      p, n1_BWD, mask_BS, sin_WH, cos_WH, impl=cfg.attention, eps=cfg.rms_norm_eps,
+      constrain=constrain, kv_BSKH=kv_BSKH, start=start, fresh_from=fresh_from)
+  h_BWD = constrain(x_BWD + att_BWD, ("batch", "length", "embed"))
   n2_BWD = rms_norm(h_BWD, p["ff_norm"], cfg.rms_norm_eps)
-  y_BWD = h_BWD + swiglu(n2_BWD, p["ff_proj"], p["up_proj"], p["ff_out"], constrain)
-  return constrain(y_BWD, ("batch", "length", "embed")), (k_BSKH, v_BSKH)
+  ffn_BWD, aux = ffn(p, n2_BWD, cfg, constrain, mask_BS)
+  return constrain(h_BWD + ffn_BWD, ("batch", "length", "embed")), kv, aux
+
+
+def _stacked(group: nnx.Module) -> dict[str, jax.Array]:
+  """{name: array} of a `Blocks` group's parameters."""
+  return {k: v[...] for k, v in vars(group).items() if isinstance(v, nnx.Param)}
 
 
 class Transformer(nnx.Module):
@@ -144,70 +145,118 @@ class Transformer(nnx.Module):
     self.config = cfg
     self.mesh = mesh
     self.rules = tuple(rules) if rules is not None else None
-    dtype, sizes = DTYPES[cfg.param_dtype], dim_sizes(cfg)
-    made = {spec.path: make_param(spec, sizes, rngs, dtype) for spec in param_specs(cfg)}
-    self.blocks = Blocks({k: v for k, v in made.items() if k.startswith("blocks/")})
+    dtype, sizes = DTYPES[cfg.param_dtype], self.family_sizes(cfg)
+    made = {spec.path: make_param(spec, sizes, rngs, dtype)
+            for spec in self.family_params(cfg)}
+    for group in dict.fromkeys(k.split("/")[0] for k in made if "/" in k):
+      setattr(self, group, Blocks({k.split("/", 1)[1]: v for k, v in made.items()
+                                   if k.startswith(group + "/")}))
     for path, param in made.items():
       if "/" not in path:
         setattr(self, path, param)
 
+  @staticmethod
+  def family_params(cfg: ModelConfig) -> list[ParamSpec]:
+    """The parameter table entries of this family for `cfg`."""
+    return param_specs(cfg)
+
+  @staticmethod
+  def family_sizes(cfg: ModelConfig) -> dict[str, int]:
+    """The sizes of the table's dimension letters for `cfg`."""
+    return dim_sizes(cfg)
+
   def _constrain(self, x, names):
     return sharding.constrain(x, names, self.rules, self.mesh)
 
+  def segments(self) -> list[tuple[Any, dict[str, jax.Array], int, int]]:
+    """Runs of layers: (block function, {name: weights stacked [n, ...]}, first layer, n).
+
+    Each run is one `lax.scan`; the dense LLaDA is one run of `block_forward`.
+    """
+    return [(block_forward, _stacked(self.blocks), 0, self.config.n_layers)]
+
+  def _scan(self, block, weights, x_BWD, cache, count, mask_BS, sin_WH, cos_WH, start,
+            return_kv, fresh_from):
+    """One run of `count` layers -> (x, (k, v) [count, ...] or None, {aux: [count]})."""
+    cfg = self.config
+
+    def layer(x_BWD, xs):
+      p, kv = xs
+      y_BWD, kv, aux = block(p, x_BWD, mask_BS, sin_WH, cos_WH, cfg, self._constrain,
+                             kv, start, fresh_from)
+      return y_BWD, (kv if return_kv else None, aux)
+
+    if cfg.remat_policy != "none":
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat_policy],
+                             prevent_cse=not cfg.scan_layers)
+    xs = (weights, cache)
+    if cfg.scan_layers:
+      x_BWD, (kv, aux) = jax.lax.scan(layer, x_BWD, xs)
+      return x_BWD, kv, aux
+    outs = []
+    for i in range(count):
+      x_BWD, out_i = layer(x_BWD, jax.tree.map(lambda a, i=i: a[i], xs))
+      outs.append(out_i)
+    kv, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    return x_BWD, kv, aux
+
   def _run(self, ids_BW, mask_BS, start, cache: KVCache | None, return_kv: bool,
            fresh_from=None, head: bool = True):
-    """Embed -> scanned layers -> ln_f -> head, for positions start…start+W−1.
+    """Embed -> runs of scanned layers -> ln_f -> head, for positions start…start+W−1.
 
-    `head=False` stops after ln_f: (hidden states [B, W, D], None).
+    -> (logits [B, W, V] float32, KVCache or None, {aux loss: [] summed over layers});
+    `head=False` stops after ln_f: hidden states [B, W, D] in place of the logits.
     """
     cfg = self.config
     dt = DTYPES[cfg.dtype]
     ids_BW = jnp.asarray(ids_BW, jnp.int32)
     x_BWD = self._constrain(jnp.take(self.wte[...], ids_BW, axis=0).astype(dt),
                             ("batch", "length", "embed"))
-    sin_WH, cos_WH = rope_tables(ids_BW.shape[1], cfg.head_dim, cfg.rope_theta, start)
+    sin_WR, cos_WR = rope_tables(ids_BW.shape[1], cfg.rotary_dim, cfg.rope_theta, start)
     mask_BS = None if mask_BS is None else jnp.asarray(mask_BS)
-
-    def layer(x_BWD, xs):
-      p, kv = xs
-      y_BWD, kv = block_forward(p, x_BWD, mask_BS, sin_WH, cos_WH, cfg, self._constrain,
-                                kv, start, fresh_from)
-      return y_BWD, (kv if return_kv else None)
-
-    if cfg.remat_policy != "none":
-      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat_policy],
-                             prevent_cse=not cfg.scan_layers)
-    stacked = {k: v[...] for k, v in vars(self.blocks).items() if isinstance(v, nnx.Param)}
-    xs = (stacked, None if cache is None else (cache.k_YBSKH, cache.v_YBSKH))
-    if cfg.scan_layers:
-      x_BWD, kv = jax.lax.scan(layer, x_BWD, xs)
-    else:
-      outs = []
-      for i in range(cfg.n_layers):
-        x_BWD, kv_i = layer(x_BWD, jax.tree.map(lambda a, i=i: a[i], xs))
-        outs.append(kv_i)
-      kv = jax.tree.map(lambda *a: jnp.stack(a), *outs) if return_kv else None
+    kvs, aux = [], {}
+    for block, weights, first, count in self.segments():
+      cache_run = None if cache is None else (cache.k_YBSKH[first:first + count],
+                                              cache.v_YBSKH[first:first + count])
+      x_BWD, kv, aux_run = self._scan(block, weights, x_BWD, cache_run, count, mask_BS,
+                                      sin_WR, cos_WR, start, return_kv, fresh_from)
+      kvs.append(kv)
+      for name, per_layer in aux_run.items():
+        aux[name] = aux.get(name, 0.0) + jnp.sum(per_layer, axis=0)
     x_BWD = rms_norm(x_BWD, self.ln_f[...], cfg.rms_norm_eps)
     if not head:
-      return x_BWD, None
+      return x_BWD, None, aux
     head_DV = self.head_DV()
     logits_BWV = jnp.einsum("bwd,dv->bwv", x_BWD, head_DV.astype(dt),
                             preferred_element_type=jnp.float32)
     if cfg.scale_logits:
       logits_BWV = logits_BWV * (1.0 / jnp.sqrt(jnp.float32(cfg.d_model)))
     logits_BWV = self._constrain(logits_BWV, ("batch", "length", "vocab"))
-    return logits_BWV, (KVCache(*kv) if return_kv else None)
+    kv = None
+    if return_kv:
+      kv = KVCache(*(jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+                     for parts in zip(*kvs)))
+    return logits_BWV, kv, aux
 
   def forward(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None
               ) -> jax.Array:
     """Traceable forward pass (call it inside your own jit): -> logits [B, L, V] float32."""
     return self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=False)[0]
 
+  def forward_with_aux(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None,
+                       head: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Forward that also returns the auxiliary training losses ({} for dense models;
+    MoE: load_balancing_loss and router_z_loss, summed over layers). `head=False`:
+    the final normed hidden states [B, L, D] in place of the logits (as `forward_hidden`)."""
+    out, _, aux = self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=False,
+                            head=head)
+    return out, aux
+
   def forward_with_cache(self, input_ids_BL: jax.Array,
                          attention_mask_BL: jax.Array | None = None
                          ) -> tuple[jax.Array, KVCache]:
     """Full forward that also returns every layer's keys (after RoPE) and values."""
-    return self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=True)
+    return self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=True)[:2]
 
   def forward_window(self, window_ids_BW: jax.Array, start, cache: KVCache,
                      attention_mask_BS: jax.Array | None = None, fresh_from=None
@@ -222,7 +271,7 @@ class Transformer(nnx.Module):
     -> (logits [B, W, V] float32, updated KVCache).
     """
     return self._run(window_ids_BW, attention_mask_BS, start, cache, return_kv=True,
-                     fresh_from=fresh_from)
+                     fresh_from=fresh_from)[:2]
 
   def __call__(self, input_ids, attention_mask=None) -> jax.Array:
     """Jitted forward: int [B, L] (+ {0,1} mask [B, L]) -> float32 [B, L, V]."""

@@ -40,7 +40,7 @@ from llada_jax.checkpoints import hub
 from llada_jax.checkpoints import layout
 from llada_jax.checkpoints import loading
 from llada_jax.config import ModelConfig, config_from_model_dir
-from llada_jax.models import llada as model_lib
+from llada_jax import models
 from llada_jax.sampling.sampler import generate
 from llada_jax.training import data as data_lib
 from llada_jax.training import flops as flops_lib
@@ -62,22 +62,27 @@ def make_noise(rng: jax.Array, batch: dict[str, jax.Array], kind: str, mask_id: 
   return objectives.pretrain_noise(rng, batch["input_ids"], mask_id)
 
 
-def model_loss(model: model_lib.Transformer, ids_BL: jax.Array, noise: objectives.Noise,
-               vocab_chunk: int = 0) -> jax.Array:
-  """The masked-diffusion loss (nats) of `model` on `noise.noisy_BL`.
+def model_loss(model: nnx.Module, ids_BL: jax.Array, noise: objectives.Noise,
+               vocab_chunk: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The masked-diffusion loss (nats) of `model` on `noise.noisy_BL`, plus the
+  weighted router losses of MoE models -> (loss, {aux loss name: unweighted value}).
 
   vocab_chunk > 0 (and < V): cross-entropy over chunks of that many vocabulary
   columns from the final hidden states, never forming the [B, L, V] logits;
   0: from the model's full float32 logits. Equal to float tolerance.
   """
   cfg = model.config
-  if not 0 < vocab_chunk < cfg.embedding_size:
-    logits_BLV = model.forward(noise.noisy_BL, noise.attention_mask_BL)
-    return objectives.masked_loss(logits_BLV, ids_BL, noise)
-  x_BLD = model.forward_hidden(noise.noisy_BL, noise.attention_mask_BL)
-  scale = 1.0 / math.sqrt(cfg.d_model) if cfg.scale_logits else 1.0
-  return objectives.chunked_masked_loss(x_BLD, model.head_DV().astype(x_BLD.dtype), ids_BL,
-                                        noise, vocab_chunk, scale)
+  chunked = 0 < vocab_chunk < cfg.embedding_size
+  out, aux = model.forward_with_aux(noise.noisy_BL, noise.attention_mask_BL, head=not chunked)
+  if not chunked:
+    loss = objectives.masked_loss(out, ids_BL, noise)
+  else:
+    scale = 1.0 / math.sqrt(cfg.d_model) if cfg.scale_logits else 1.0
+    loss = objectives.chunked_masked_loss(out, model.head_DV().astype(out.dtype), ids_BL,
+                                          noise, vocab_chunk, scale)
+  coefs = {"load_balancing_loss": cfg.router_aux_loss_coef,
+           "router_z_loss": cfg.router_z_loss_coef}
+  return loss + sum(coefs[k] * v for k, v in aux.items()), aux
 
 
 def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
@@ -98,11 +103,13 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: 
 
   def loss_fn(params, mb):
     ids_BL, nz = mb
-    loss = model_loss(nnx.merge(graphdef, params), ids_BL, nz, vocab_chunk)
-    return loss, jnp.sum(nz.masked_BL)
+    loss, aux = model_loss(nnx.merge(graphdef, params), ids_BL, nz, vocab_chunk)
+    return loss, {"masked_tokens": jnp.sum(nz.masked_BL),
+                  **{k: v / micro_batches for k, v in aux.items()}}  # summed over micro-batches
 
-  loss, grads, masked = optimizer_lib.accumulate_gradients(
+  loss, grads, aux = optimizer_lib.accumulate_gradients(
       loss_fn, state["params"], (batch["input_ids"], noise), micro_batches)
+  masked = aux.pop("masked_tokens")
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -114,7 +121,7 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: 
                "opt_state": keep(opt_state, state["opt_state"]),
                "step": state["step"] + 1, "lr_scale": state["lr_scale"]}
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.int32),
-             "lr": schedule(state["step"]) * state["lr_scale"], "masked_tokens": masked}
+             "lr": schedule(state["step"]) * state["lr_scale"], "masked_tokens": masked, **aux}
   return new_state, metrics
 
 
@@ -124,7 +131,7 @@ def eval_step(params: dict[str, Any], batch: dict[str, jax.Array], rng: jax.Arra
   """Negative ELBO (nats per scored token) of a held-out batch, one noise draw."""
   noise = objectives.elbo_noise(rng, batch["input_ids"], model_cfg.mask_token_id,
                                 batch.get("prompt_len"))
-  return model_loss(nnx.merge(graphdef, params), batch["input_ids"], noise, vocab_chunk)
+  return model_loss(nnx.merge(graphdef, params), batch["input_ids"], noise, vocab_chunk)[0]
 
 
 # ---- sharded state ----------------------------------------------------------------
@@ -171,7 +178,7 @@ def state_shardings(graphdef_state: nnx.State, tx: optax.GradientTransformation,
 def compile_train_step(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh,
                        rules=sharding.DEFAULT_RULES):
   """(jitted step, abstract state with shardings, optimizer, graphdef) for `cfg` on `mesh`."""
-  graphdef, abstract_params = nnx.split(model_lib.abstract(model_cfg, mesh=mesh, rules=rules))
+  graphdef, abstract_params = nnx.split(models.abstract(model_cfg, mesh=mesh, rules=rules))
   tx, schedule = optimizer_lib.from_config(cfg)
   abstract, shardings = state_shardings(abstract_params, tx, mesh, rules)
   step_fn = functools.partial(train_step, graphdef=graphdef, model_cfg=model_cfg, tx=tx,
@@ -189,7 +196,7 @@ def init_state(cfg, model_cfg: ModelConfig, abstract: dict[str, Any],
   """Fresh sharded state: random params (or `init_params`) and a new optimiser state."""
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   if init_params is None:
-    init_params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(model_lib.init(model_cfg, cfg.seed))[1]),
+    init_params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(models.init(model_cfg, cfg.seed))[1]),
                           out_shardings=shardings["params"])()
   params = jax.device_put(jax.tree.map(lambda x: x.astype(jnp.float32), init_params),
                           shardings["params"])
@@ -373,10 +380,13 @@ class _StepEnd:
     line = {"loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"],
             "tokens_per_s": tok_s, "tflops_per_device": tflops,
             "mfu": tflops * 1e12 / self.peak, "skipped_steps": self.meta["skipped_steps"]}
+    router = {k: last[k] for k in ("load_balancing_loss", "router_z_loss") if k in last}
+    line.update(router)  # MoE models: the router losses, logged apart from the loss
     log(f"step {step}/{self.cfg.total_steps} loss {line['loss']:.4f} lr {line['lr']:.3g} "
         f"grad_norm {line['grad_norm']:.3f} tokens/s {tok_s:,.0f} "
         f"TFLOP/s/device {tflops:.4g} MFU {100 * line['mfu']:.2f}% "
-        f"skipped {self.meta['skipped_steps']}")
+        f"skipped {self.meta['skipped_steps']}"
+        + "".join(f" {k} {v:.4f}" for k, v in router.items()))
     _scalars(self.writer, step, line)
     self.window_t, self.window_steps = time.time(), 0
 

@@ -1,0 +1,285 @@
+"""LLaDA-MoE (inclusionAI/LLaDA-MoE-7B-A1B): the LLaDA mask predictor with routed experts.
+
+Per layer, as the released modeling code computes it (pre-norm):
+  h = x + o_proj(Attn(RoPE(q_norm(q n1)), RoPE(k_norm(k n1)), v n1)),   n1 = input_layernorm(x)
+  y = h + MoE(n2) [+ shared_expert(n2)]   (a dense SwiGLU on dense layers), n2 = post_attention_layernorm(h)
+then `norm` and `lm_head`. q_norm/k_norm are per-head RMSNorms over head_dim
+(`qk_layernorm`); RoPE rotates the first int(head_dim * partial_rotary_factor)
+dims; attention is bidirectional. The router, in float32: p = softmax(gate(n2)),
+p += expert_bias, (w, e) = top-k(p) -- the combine weights keep the bias and are
+not renormalised (`layers.moe.route_softmax_biased`). Experts are SwiGLU MLPs
+run by the dropless grouped dispatch of `layers.moe`. The release ignores
+attention_mask; here padded keys are masked as in the dense model.
+
+Layers are MoE or dense by `moe_layers` (config.json `moe_layer_freq`); each
+run of consecutive layers of one kind is one `lax.scan`. Parameters: the
+attention weights of every layer stacked under `blocks/` (stack Y), the
+dense MLPs under `dense/` (stack Z), the routers and experts under `moe/`
+(stack M; experts on an `experts` axis). Sizes: E experts, X expert hidden,
+S shared-expert hidden, F dense hidden.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from typing import Any, Mapping
+
+import jax
+from jax.sharding import Mesh
+
+from llada_jax.config import ModelConfig
+from llada_jax.layers import moe as moe_lib
+from llada_jax.layers.mlp import swiglu
+from llada_jax.layers.params import ParamSpec
+from llada_jax.models import llada
+
+# Mask id of the Ling tokenizer (LLaDA-MoE, LLaDA2), and its vocabulary size.
+LING_VOCAB_SIZE = 157184
+LING_MASK_TOKEN_ID = 156895
+
+_L = "model.layers.{i}."
+
+
+def _layer(path, dims, axes, init, hf, lin=0, fan="", stack="Y", present=lambda cfg: True):
+  return ParamSpec(path, dims, axes, init, _L + hf, lin, fan, present, stack)
+
+
+def _has_dense(cfg):
+  return 0 in cfg.moe_layers
+
+
+def _has_moe(cfg):
+  return 1 in cfg.moe_layers
+
+
+def _has_shared(cfg):
+  return _has_moe(cfg) and cfg.shared_expert_hidden_size > 0
+
+
+_EXPERT = ("experts", "embed", "mlp")
+PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("wte", "VD", ("vocab", "embed"), "embed", "model.embed_tokens.weight"),
+    _layer("blocks/attn_norm", "D", ("embed",), "ones", "input_layernorm.weight"),
+    _layer("blocks/q_proj", "DNH", ("embed", "heads", "head_dim"), "normal",
+           "self_attn.q_proj.weight", 1, "D"),
+    _layer("blocks/k_proj", "DKH", ("embed", "kv_heads", "head_dim"), "normal",
+           "self_attn.k_proj.weight", 1, "D"),
+    _layer("blocks/v_proj", "DKH", ("embed", "kv_heads", "head_dim"), "normal",
+           "self_attn.v_proj.weight", 1, "D"),
+    _layer("blocks/q_norm", "H", ("head_dim",), "ones", "self_attn.q_norm.weight",
+           present=lambda cfg: cfg.qk_norm),
+    _layer("blocks/k_norm", "H", ("head_dim",), "ones", "self_attn.k_norm.weight",
+           present=lambda cfg: cfg.qk_norm),
+    _layer("blocks/attn_out", "NHD", ("heads", "head_dim", "embed"), "normal",
+           "self_attn.o_proj.weight", 2, "D"),
+    _layer("blocks/ff_norm", "D", ("embed",), "ones", "post_attention_layernorm.weight"),
+    _layer("dense/ff_proj", "DF", ("embed", "mlp"), "normal", "mlp.gate_proj.weight", 1, "D",
+           "Z", _has_dense),
+    _layer("dense/up_proj", "DF", ("embed", "mlp"), "normal", "mlp.up_proj.weight", 1, "D",
+           "Z", _has_dense),
+    _layer("dense/ff_out", "FD", ("mlp", "embed"), "normal", "mlp.down_proj.weight", 1, "F",
+           "Z", _has_dense),
+    _layer("moe/router", "DE", ("embed", None), "normal", "mlp.gate.weight", 1, "D", "M",
+           _has_moe),
+    _layer("moe/expert_bias", "E", (None,), "zeros", "mlp.expert_bias", 0, "", "M",
+           lambda cfg: _has_moe(cfg) and cfg.expert_bias),
+    _layer("moe/gate_proj", "EDX", _EXPERT, "normal", "mlp.experts.{e}.gate_proj.weight", 1,
+           "D", "M", _has_moe),
+    _layer("moe/up_proj", "EDX", _EXPERT, "normal", "mlp.experts.{e}.up_proj.weight", 1,
+           "D", "M", _has_moe),
+    _layer("moe/down_proj", "EXD", ("experts", "mlp", "embed"), "normal",
+           "mlp.experts.{e}.down_proj.weight", 1, "X", "M", _has_moe),
+    _layer("moe/shared_gate", "DS", ("embed", "mlp"), "normal", "shared_expert.gate_proj.weight",
+           1, "D", "M", _has_shared),
+    _layer("moe/shared_up", "DS", ("embed", "mlp"), "normal", "shared_expert.up_proj.weight",
+           1, "D", "M", _has_shared),
+    _layer("moe/shared_down", "SD", ("mlp", "embed"), "normal",
+           "shared_expert.down_proj.weight", 1, "S", "M", _has_shared),
+    ParamSpec("ln_f", "D", ("embed",), "ones", "model.norm.weight"),
+    ParamSpec("ff_out", "DV", ("embed", "vocab"), "normal", "lm_head.weight", 1, "D",
+              present=lambda cfg: not cfg.weight_tying),
+)
+
+
+def layer_ids(cfg: ModelConfig) -> dict[str, list[int]]:
+  """The model's layer indices of each stack: Y all, M the MoE layers, Z the dense ones."""
+  return {"Y": list(range(cfg.n_layers)),
+          "M": [i for i, m in enumerate(cfg.moe_layers) if m],
+          "Z": [i for i, m in enumerate(cfg.moe_layers) if not m]}
+
+
+def dim_sizes(cfg: ModelConfig) -> dict[str, int]:
+  """Size of each dimension letter used in `PARAMS`."""
+  ids = layer_ids(cfg)
+  return {**llada.dim_sizes(cfg), "E": cfg.num_experts, "X": cfg.moe_hidden_size,
+          "S": cfg.shared_expert_hidden_size, "M": len(ids["M"]), "Z": len(ids["Z"])}
+
+
+def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
+  """The table entries this config has."""
+  return [spec for spec in PARAMS if spec.present(cfg)]
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Shape of every parameter, keyed by path (stacked ones with their layers axis first)."""
+  sizes = dim_sizes(cfg)
+  return {spec.path: spec.shape(sizes) for spec in param_specs(cfg)}
+
+
+def moe_config(cfg: ModelConfig) -> moe_lib.MoEConfig:
+  return moe_lib.MoEConfig(num_experts=cfg.num_experts, k=cfg.num_experts_per_tok,
+                           router="softmax_biased", impl=cfg.moe_impl)
+
+
+def moe_ffn(p: dict[str, jax.Array], n_BWD: jax.Array, cfg: ModelConfig, constrain,
+            mask_BS: jax.Array | None, *, mesh: Mesh | None = None, rules=None):
+  """Routed experts (+ the shared expert) on normed inputs -> ([B, W, D], aux losses).
+
+  The losses weight real tokens only when the mask covers the W positions
+  (full forwards; cached windows do not train).
+  """
+  mask_BW = mask_BS if mask_BS is not None and mask_BS.shape[1] == n_BWD.shape[1] else None
+  weights = {k: p[k] for k in ("router", "expert_bias", "gate_proj", "up_proj", "down_proj")
+             if k in p}
+  y_BWD, aux = moe_lib.moe_layer(n_BWD, weights, moe_config(cfg), mesh=mesh, rules=rules,
+                                 mask=mask_BW)
+  if "shared_gate" in p:
+    y_BWD = y_BWD + swiglu(n_BWD, p["shared_gate"], p["shared_up"], p["shared_down"], constrain)
+  return y_BWD, {"load_balancing_loss": aux.load_balancing_loss,
+                 "router_z_loss": aux.router_z_loss}
+
+
+class Transformer(llada.Transformer):
+  """The LLaDA-MoE mask predictor: token ids [B, L] -> float32 logits [B, L, V]."""
+
+  @staticmethod
+  def family_params(cfg: ModelConfig) -> list[ParamSpec]:
+    return param_specs(cfg)
+
+  @staticmethod
+  def family_sizes(cfg: ModelConfig) -> dict[str, int]:
+    return dim_sizes(cfg)
+
+  def segments(self):
+    """Runs of consecutive MoE / dense layers, each scanned with its block function."""
+    cfg = self.config
+    attention = llada._stacked(self.blocks)  # pylint: disable=protected-access
+    groups = {1: llada._stacked(self.moe) if _has_moe(cfg) else {},  # pylint: disable=protected-access
+              0: llada._stacked(self.dense) if _has_dense(cfg) else {}}  # pylint: disable=protected-access
+    ffns = {1: functools.partial(moe_ffn, mesh=self.mesh, rules=self.rules),
+            0: llada.dense_ffn}
+    out, first, seen = [], 0, {0: 0, 1: 0}
+    for kind, run in itertools.groupby(cfg.moe_layers):
+      n = len(list(run))
+      a, b = seen[kind], seen[kind] + n
+      weights = {**{k: v[first:first + n] for k, v in attention.items()},
+                 **{k: v[a:b] for k, v in groups[kind].items()}}
+      out.append((functools.partial(llada.block_forward, ffn=ffns[kind]), weights, first, n))
+      first, seen[kind] = first + n, b
+    return out
+
+
+# ------------------------------------------------------------ config.json mapping
+
+# Keys whose value must be this for the model here to compute what the release does.
+_HF_REQUIRED = {"hidden_act": "silu", "attention_bias": False, "clip_qkv": None,
+                "rope_scaling": None, "mlp_bias": False}
+# Keys the released forward reads but does not use: a non-default value only warns.
+_HF_IGNORED = {"norm_topk_prob": False, "moe_router_score_function": "softmax",
+               "routed_scaling_factor": 1, "router_num_group": None, "router_topk_group": None}
+_HF_FIELDS = {  # HF key -> ModelConfig field
+    "hidden_size": "d_model", "num_attention_heads": "n_heads",
+    "num_key_value_heads": "n_kv_heads", "num_hidden_layers": "n_layers",
+    "dense_intermediate_size": "mlp_hidden_size", "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_sequence_length", "rope_theta": "rope_theta",
+    "rms_norm_eps": "rms_norm_eps", "tie_word_embeddings": "weight_tying",
+    "qk_layernorm": "qk_norm", "partial_rotary_factor": "partial_rotary_factor",
+    "num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
+    "expert_intermediate_size": "moe_hidden_size",
+    "shared_expert_intermediate_size": "shared_expert_hidden_size",
+    "moe_router_enable_expert_bias": "expert_bias",
+    "router_aux_loss_coef": "router_aux_loss_coef",
+    "mask_token_id": "mask_token_id", "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id", "bos_token_id": "bos_token_id",
+}
+
+
+def _moe_layers(freq: Any, n_layers: int) -> tuple[int, ...]:
+  if isinstance(freq, int) and not isinstance(freq, bool):
+    if freq != 1:
+      raise ValueError(f"config.json: moe_layer_freq={freq} (an int other than 1) is not "
+                       "supported by llada_jax; give the per-layer list")
+    return (1,) * n_layers
+  if not isinstance(freq, (list, tuple)) or len(freq) != n_layers or any(
+      v not in (0, 1) for v in freq):
+    raise ValueError(f"config.json: moe_layer_freq must be 1 or a list of {n_layers} "
+                     f"0/1 entries (num_hidden_layers), got {freq!r}")
+  return tuple(int(v) for v in freq)
+
+
+def config_from_hf(hf: Mapping[str, Any], **overrides) -> dict[str, Any]:
+  """ModelConfig fields of a LLaDA-MoE `config.json` (+ `overrides`, which win);
+  refuses what is not implemented."""
+  for key, want in _HF_REQUIRED.items():
+    if hf.get(key, want) not in (want,) and not (want is False and hf.get(key) is None):
+      raise ValueError(f"config.json: {key}={hf[key]!r} is not supported by llada_jax's "
+                       f"LLaDA-MoE (only {want!r})")
+  for key, default in _HF_IGNORED.items():
+    if hf.get(key, default) != default:
+      logging.warning("config.json: %s=%r is read but not used by the released LLaDA-MoE "
+                      "forward; ignored (as the release does)", key, hf[key])
+  missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers",
+                         "vocab_size", "num_experts", "num_experts_per_tok",
+                         "expert_intermediate_size") if hf.get(k) is None]
+  if missing:
+    raise ValueError(f"config.json: missing required key(s) {', '.join(missing)}")
+  if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
+    raise ValueError(f"config.json: head_dim={hf['head_dim']} differs from hidden_size / "
+                     "num_attention_heads, which llada_jax's LLaDA-MoE requires")
+  values: dict[str, Any] = {"family": "llada_moe"}
+  for key, field in _HF_FIELDS.items():
+    if hf.get(key) is not None:
+      values[field] = hf[key]
+  values["moe_layers"] = _moe_layers(hf.get("moe_layer_freq", 1), hf["num_hidden_layers"])
+  values.setdefault("n_kv_heads", hf["num_attention_heads"])
+  values.setdefault("mlp_hidden_size", 4 * hf["hidden_size"])
+  values["embedding_size"] = hf["vocab_size"]
+  values.setdefault("shared_expert_hidden_size", 0)
+  values["eot_token_id"] = hf.get("eot_token_id")
+  values.setdefault("bos_token_id", None)
+  if "pad_token_id" not in values and "eos_token_id" in values:
+    values["pad_token_id"] = values["eos_token_id"]
+  values.update(overrides)
+  if "mask_token_id" not in values:
+    if hf["vocab_size"] != LING_VOCAB_SIZE:
+      raise ValueError("config.json: mask_token_id is missing (not in config.json or the "
+                       "tokenizer files) and the vocabulary is not the Ling tokenizer's, so "
+                       "it has no default; pass load(..., mask_token_id=...)")
+    values["mask_token_id"] = LING_MASK_TOKEN_ID
+  for key in ("eos_token_id", "pad_token_id"):
+    if key not in values:
+      raise ValueError(f"config.json: {key} is missing")
+  return values
+
+
+def config_to_hf(cfg: ModelConfig, torch_dtype: str | None = None) -> dict[str, Any]:
+  """The HF `config.json` dict of a LLaDA-MoE config (the release's keys)."""
+  hf: dict[str, Any] = {
+      "architectures": ["LLaDAMoEModelLM"],
+      "auto_map": {"AutoConfig": "configuration_lladamoe.LLaDAConfig",
+                   "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
+                   "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM"},
+      "model_type": "llada", "hidden_act": "silu", "attention_bias": False,
+      "attention_dropout": 0.0, "clip_qkv": None, "rope_scaling": None, "use_cache": False,
+      "initializer_range": 0.02, "output_router_logits": False,
+      "moe_layer_freq": list(cfg.moe_layers), "moe_router_score_function": "softmax",
+      "norm_topk_prob": False, "routed_scaling_factor": 1, "router_num_group": None,
+      "router_topk_group": None, "torch_dtype": torch_dtype or cfg.param_dtype,
+  }
+  for key, field in _HF_FIELDS.items():
+    hf[key] = getattr(cfg, field)
+  if not cfg.shared_expert_hidden_size:
+    hf["shared_expert_intermediate_size"] = None
+  return dict(sorted(hf.items()))
