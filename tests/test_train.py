@@ -280,8 +280,8 @@ if __name__ == "__main__":
   app.run(lambda argv: train.main(argv, on_step=_kill_at(flags.FLAGS.kill_at_step)))
 
 
-def test_moe_sft_from_the_fixture_logs_router_losses(token_data, tmp_path, capsys):
-  """init_from a LLaDA-MoE snapshot: SFT steps run, the router losses are logged apart,
+def test_moe_training_from_the_fixture_logs_router_losses(token_data, tmp_path, capsys):
+  """init_from a LLaDA-MoE snapshot: steps run, the router losses are logged apart,
   and the workdir loads as a LLaDA-MoE model again."""
   import shutil  # pylint: disable=g-import-not-at-top
   import llada_jax  # pylint: disable=g-import-not-at-top
@@ -290,8 +290,8 @@ def test_moe_sft_from_the_fixture_logs_router_losses(token_data, tmp_path, capsy
   hf = json.loads((src / "config.json").read_text())
   (src / "config.json").write_text(json.dumps({**hf, "mask_token_id": 483}))
   workdir = str(tmp_path / "ft")
-  cfg = _config(init_from=str(src), total_steps=4, log_every=2,
-                **{"data.source": token_data, "kind": "sft", "checkpoint.every_steps": 4,
+  cfg = _config(init_from=str(src), total_steps=6, log_every=3,
+                **{"data.source": token_data, "checkpoint.every_steps": 6,
                    "samples.num": 0})
   result = train.train_and_evaluate(cfg, workdir)
   out = capsys.readouterr().out
