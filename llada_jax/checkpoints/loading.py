@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from llada_jax import sharding
 from llada_jax.checkpoints import hf as hf_checkpoint
 from llada_jax.checkpoints.layout import model_dir_kind, read_config
-from llada_jax.checkpoints.orbax import flat_params, restore_params
+from llada_jax.checkpoints.orbax import LOAD_HINT, flat_params, restore_params
 from llada_jax.models import llada as model_lib
 
 def _set_path(state: nnx.State, path: str, value) -> None:
@@ -37,7 +37,7 @@ def _placer(state: nnx.State, mesh: Mesh | None, rules):
 
 def load(path: str, dtype: str = "float32", param_dtype: str | None = None, *,
          mesh: Mesh | None = None, rules: Any = sharding.DEFAULT_RULES,
-         **config_overrides) -> model_lib.Transformer:
+         allow_nonfinite: bool = False, **config_overrides) -> model_lib.Transformer:
   """Loads a LLaDA model directory of any kind (HF snapshot, converted, workdir).
 
   Args:
@@ -47,6 +47,9 @@ def load(path: str, dtype: str = "float32", param_dtype: str | None = None, *,
     mesh, rules: place every parameter sharded by its logical axes (an Orbax
       checkpoint is restored straight into the shards; a dimension that does
       not divide its mesh axes is replicated, with a warning).
+    allow_nonfinite: accept NaN / Inf parameters (else a ValueError naming the
+      tensor). Orbax checkpoints are also checked against their digests, and a
+      workdir falls back past a broken newest step (see `orbax.restore_params`).
     **config_overrides: other ModelConfig fields (attention, remat_policy...).
   Returns:
     A `Transformer`; `model(ids, mask)` gives float32 logits and
@@ -59,9 +62,11 @@ def load(path: str, dtype: str = "float32", param_dtype: str | None = None, *,
     reader = hf_checkpoint.open_reader(path)
     reader.check(cfg)  # every tensor accounted for before any data is read
     place = _placer(state, mesh, rules)
-    for param_path, array in hf_checkpoint.read_params(reader, cfg, cfg.param_dtype):
+    hint = None if allow_nonfinite else LOAD_HINT
+    for param_path, array in hf_checkpoint.read_params(reader, cfg, cfg.param_dtype, hint):
       _set_path(state, param_path, place(param_path, array))
   else:
     shardings = None if mesh is None else sharding.param_shardings(state, mesh, rules)
-    nnx.replace_by_pure_dict(state, restore_params(path, state, shardings))
+    nnx.replace_by_pure_dict(state, restore_params(path, state, shardings,
+                                                   allow_nonfinite=allow_nonfinite))
   return nnx.merge(graphdef, state)
