@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import os
+import re
 import sys
 import traceback
 from typing import Iterator
@@ -47,6 +49,18 @@ def _chain(e: BaseException) -> Iterator[BaseException]:
     e = e.__cause__ or e.__context__
 
 
+def _written_path(e: BaseException) -> str | None:
+  """The file a failed write names (an OSError's, or TensorStore's `local file "..."`),
+  cut at Orbax's temporary suffixes: the checkpoint being written."""
+  for err in _chain(e):
+    if isinstance(err, OSError) and err.filename:
+      return str(err.filename)
+    m = re.search(r'local file "([^"]+)"', str(err))
+    if m:
+      return re.split(r"\.orbax-checkpoint-tmp|\.partial_save", m[1])[0].rstrip("/")
+  return None
+
+
 def one_line(e: BaseException, where: str | None = None) -> str:
   """The first line of an exception's message (at most 500 characters).
 
@@ -55,9 +69,7 @@ def one_line(e: BaseException, where: str | None = None) -> str:
   "missing key 'x'".
   """
   if is_no_space(e):
-    filename = next((err.filename for err in _chain(e)
-                     if isinstance(err, OSError) and err.filename), None)
-    return f"no space left on device writing {filename or where or 'the output'}"
+    return f"no space left on device writing {_written_path(e) or where or 'the output'}"
   text = str(e).strip()
   if isinstance(e, (KeyError, AttributeError)) and text.strip("'\"") and " " not in text:
     text = f"missing key {text.strip(chr(34))}"
@@ -83,6 +95,8 @@ def report_errors(prog: str, suffix: str = "") -> Iterator[None]:
     if debug_enabled():
       traceback.print_exc()
     print(f"{prog}: error: {one_line(e)}{suffix}", file=sys.stderr, flush=True)
+    del e
+    gc.collect()  # failed async writes finalized now, not noisily at interpreter exit
     raise SystemExit(1) from None
 
 

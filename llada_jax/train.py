@@ -14,4 +14,4 @@ def __getattr__(name: str):
 
 if __name__ == "__main__":
   _impl._define_flags()  # pylint: disable=protected-access
-  app.run(main)
+  app.run(main, flags_parser=_impl.validate.parse_flags)

@@ -89,6 +89,7 @@ def build(model, tok, settings: dict[str, Any]) -> gr.Blocks:
         "block_length": int(block_length), "temperature": float(temperature),
         "cfg_scale": float(cfg_scale), "remasking": remasking})
     conv.history, conv.turns = list(history), int(turns)
+    conv.too_long_hint = "Press Reset to start over, or lower gen_length."
     try:
       constraints = parse_constraints(fixed_words or "", tok, int(gen_length))
       reply = conv.reply(message, trace=True, constraints=constraints or None)

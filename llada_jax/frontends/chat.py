@@ -117,6 +117,9 @@ class Reply:
 class Conversation:
   """The chat state: token history, sampler settings and the turn counter."""
 
+  # What the too-long message tells the user to do (the web demo has buttons instead).
+  too_long_hint = "/reset to start over, or /set a smaller gen_length."
+
   def __init__(self, model, tok: Tokenizer, settings: dict[str, Any]):
     self.model, self.tok, self.settings = model, tok, dict(settings)
     self.cfg = model.config
@@ -143,7 +146,7 @@ class Conversation:
       raise ValueError(
           f"the conversation is too long: {len(prompt)} prompt tokens + gen_length "
           f"{gen_length} exceed the model's context of {self.cfg.max_sequence_length} "
-          f"tokens. /reset to start over, or /set a smaller gen_length.")
+          f"tokens. {self.too_long_hint}")
     bucket = bucket_length(len(prompt), limit)
     ids, _ = sample.left_pad([prompt], bucket, self.cfg.pad_token_id)
     mask = (np.arange(bucket) >= bucket - len(prompt)).astype(np.int32)[None]
