@@ -1,6 +1,7 @@
 """The converters end to end: round trips, dtypes, and every refusal."""
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -311,11 +312,13 @@ def test_interrupted_conversion_leaves_nothing(fixture_dir, tmp_path, monkeypatc
   assert not out.exists() and not _leftovers(out)
 
 
-def test_full_disk_is_reported_and_leaves_nothing(fixture_dir, tmp_path, capsys):
+@pytest.mark.parametrize("size", ["400k", "700k"])  # full before / during Orbax's writes
+def test_full_disk_is_reported_and_leaves_nothing(fixture_dir, tmp_path, capsys, caplog, size):
   mnt = tmp_path / "small_disk"
   mnt.mkdir()
+  caplog.set_level(logging.WARNING, logger="absl")  # Orbax logs its thread errors here
   try:
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)],
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
                    check=True, capture_output=True)
   except (OSError, subprocess.CalledProcessError) as e:
     pytest.skip(f"cannot mount a small tmpfs here (needs root): {e}")
@@ -324,6 +327,7 @@ def test_full_disk_is_reported_and_leaves_nothing(fixture_dir, tmp_path, capsys)
     rc, err = _run(hf_to_orbax.main, ["--hf_dir", fixture_dir, "--output_dir", str(out)], capsys)
     _assert_refused(rc, err, out, "no space left on device", str(mnt))
     assert os.listdir(mnt) == []
+    assert not [r for r in caplog.records if r.name == "absl"]  # no tracebacks before the line
   finally:
     subprocess.run(["umount", str(mnt)], check=False)
 

@@ -5,6 +5,7 @@ outside the output was touched. One short training run is shared."""
 
 import glob
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -16,7 +17,6 @@ import pytest
 from flax import nnx
 
 import llada_jax
-from configs import tiny
 from llada_jax import errors
 from llada_jax import ownership
 from llada_jax.checkpoints import layout
@@ -25,28 +25,15 @@ from llada_jax.training import data as data_lib
 from llada_jax.training import lock
 from llada_jax.training import train
 
+import test_train as train_test  # pylint: disable=g-bad-import-order  (its tiny config)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = dict(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64,
-             vocab_size=128, embedding_size=128, max_sequence_length=64)
 
 
 def _config(data, **changes):
-  cfg = tiny.get_config()
-  cfg.model.update(MODEL)
-  cfg.update(total_steps=8, batch_size=8, seq_len=16, log_every=4, eval_every=0,
-             eval_batches=1, eval_batch_size=8, eval_samples=1, peak_flops=1e9)
-  cfg.optimizer.update(warmup_steps=2, decay_steps=4)
-  cfg.checkpoint.update(every_steps=4, keep=3)
-  cfg.tokenizer.train_vocab_size = 0
-  cfg.samples.num = 0
-  cfg.data.source = data
-  for key, value in changes.items():
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return cfg
+  """test_train's tiny run: 8 steps, checkpoints every 4, no samples."""
+  return train_test._config(**{"data.source": data, "total_steps": 8, "samples.num": 0,
+                               **changes})
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +68,6 @@ def _files(root):
       with open(path, "rb") as f:
         out[os.path.relpath(path, root)] = f.read()
   return out
-
-
-def _flip_a_byte(directory):
-  files = [os.path.join(d, f) for d, _, names in os.walk(directory) for f in names]
-  path = max(files, key=os.path.getsize)
-  data = bytearray(open(path, "rb").read())
-  data[len(data) // 2] ^= 0x10
-  open(path, "wb").write(bytes(data))
 
 
 # ---- case 2 and 7: invalid training configs, before any file --------------------------
@@ -133,11 +112,13 @@ def test_resume_and_load_fall_back_past_a_broken_checkpoint(base_workdir, token_
   workdir = _copy(base_workdir, tmp_path)
   step8 = os.path.join(workdir, "checkpoints", "8")
   assert "param_digests" in layout.custom_metadata(step8)  # every save records them
-  _flip_a_byte(os.path.join(step8, "params"))
+  caplog.set_level(logging.WARNING, logger="absl")
+  shutil.rmtree(os.path.join(step8, "params", "d"))  # lost its data files (flips: test_checkpoint)
   model = llada_jax.load(workdir)
   warned = [r.getMessage() for r in caplog.records if "broken checkpoint" in r.getMessage()]
-  assert warned and step8 in warned[0] and "is corrupt" in warned[0], warned
+  assert warned and f"{step8}: broken checkpoint (" in warned[0], warned
   assert "falling back to step 4" in warned[0]
+  assert not [r for r in caplog.records if r.name == "absl"]  # case 8: no absl noise on load
   want = checkpoint.restore_params(os.path.join(workdir, "checkpoints", "4"),
                                   nnx.split(model)[1])
   np.testing.assert_array_equal(np.asarray(model.wte[...]), np.asarray(want["wte"]))
@@ -287,3 +268,17 @@ def test_generate_refuses_a_non_bool_flag(tiny_model):
   with pytest.raises(ValueError, match="logits_eos_inf: expected True or False, got 'no'"):
     llada_jax.generate(tiny_model, np.asarray([5, 6, 7]), steps=4, gen_length=4,
                        block_length=4, logits_eos_inf="no")
+
+
+def test_web_demo_too_long_message_names_its_buttons(tiny_model, fixture_dir):
+  """Case 8: web users have a Reset button and a gen_length slider, not /reset."""
+  import gradio as gr  # pylint: disable=g-import-not-at-top
+  from llada_jax.frontends import app, cli  # pylint: disable=g-import-not-at-top
+  from llada_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  settings = {**{k: v for k, v in cli.SAMPLER_ARGS.items()}, "seed": 0}
+  demo = app.build(tiny_model, load_tokenizer(fixture_dir), settings)
+  respond = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "respond")
+  with pytest.raises(gr.Error) as e:
+    respond("word " * 600, [], [], 0, 8, 8, 8, 0.0, 0.0, "low_confidence", "")
+  assert "too long" in e.value.message and "Press Reset" in e.value.message
+  assert "/reset" not in e.value.message and "/set" not in e.value.message

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from jax import monitoring
 
+from llada_jax import errors
 from llada_jax.checkpoints import loading
 from llada_jax.frontends import cli as sample
 from llada_jax.sampling import sampler as sampling
@@ -239,6 +240,7 @@ def load_front_end(parser: argparse.ArgumentParser, args: argparse.Namespace):
   return loading.load(args.checkpoint, dtype=args.dtype), tok, settings
 
 
+@errors.report_errors("python -m llada_jax.chat")
 def main(argv: Sequence[str] | None = None) -> int:
   parser = front_end_parser("python -m llada_jax.chat", __doc__.split("\n\n")[0])
   model, tok, settings = load_front_end(parser, parser.parse_args(argv))
