@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from typing import Any, Mapping
 
@@ -120,6 +122,7 @@ class ModelConfig:
   def __post_init__(self):
     if isinstance(self.moe_layers, list):
       object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
+    _check_types(self)
     _check(self.d_model % self.n_heads == 0, "d_model",
            f"{self.d_model} is not a multiple of n_heads={self.n_heads}")
     _check(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
@@ -234,7 +237,12 @@ class ModelConfig:
     values.setdefault("n_kv_heads", hf["n_heads"])
     values.setdefault("embedding_size", hf["vocab_size"])
     if "mlp_hidden_size" not in values:
-      values["mlp_hidden_size"] = hf.get("mlp_ratio", 4) * hf["d_model"]
+      ratio = hf.get("mlp_ratio", 4)
+      if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio < 1:
+        raise ValueError(f"config.json: mlp_ratio: expected a positive integer, got "
+                         f"{_short(ratio)}")
+      if isinstance(hf["d_model"], int):  # else the d_model check names it
+        values["mlp_hidden_size"] = ratio * hf["d_model"]
     if "pad_token_id" not in values and "eos_token_id" in values:
       values["pad_token_id"] = values["eos_token_id"]
     llada_vocab = values.get("embedding_size") == LLADA_VOCAB_SIZE
@@ -248,7 +256,13 @@ class ModelConfig:
           raise ValueError(f"config.json: {key} is missing and the vocabulary "
                            f"is not LLaDA's own, so it has no default")
     values.update(overrides)
-    return cls.from_dict(values)
+    try:
+      return cls.from_dict(values)
+    except ValueError as e:  # name the file's key, not the dataclass field
+      field = str(e).removeprefix("ModelConfig.").split(":")[0]
+      if field in overrides:
+        raise
+      raise ValueError("config.json: " + str(e).removeprefix("ModelConfig.")) from e
 
   def to_hf(self, torch_dtype: str | None = None) -> dict[str, Any]:
     """The HF `config.json` dict, with the keys of the released checkpoint."""
@@ -305,12 +319,53 @@ def _check(ok: bool, name: str, why: str) -> None:
     raise ValueError(f"ModelConfig.{name}: {why}")
 
 
+_POSITIVE_INTS = ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size",
+                  "vocab_size", "embedding_size", "max_sequence_length")
+_IDS = ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id")
+
+
+def _short(value: Any) -> str:
+  text = repr(value)
+  return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_types(cfg: "ModelConfig") -> None:
+  """Types and ranges of every field, before any arithmetic on them."""
+  is_int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+  for name in _POSITIVE_INTS:
+    value = getattr(cfg, name)
+    _check(is_int(value) and value > 0, name, f"expected a positive integer, got {_short(value)}")
+  for name in ("rope_theta", "rms_norm_eps"):
+    value = getattr(cfg, name)
+    _check(isinstance(value, numbers.Real) and not isinstance(value, bool)
+           and math.isfinite(value) and value > 0, name,
+           f"expected a finite number > 0, got {_short(value)}")
+  for name in ("weight_tying", "scale_logits", "scan_layers"):
+    _check(isinstance(getattr(cfg, name), bool), name,
+           f"expected true or false, got {_short(getattr(cfg, name))}")
+  for name in _IDS:
+    value = getattr(cfg, name)
+    optional = name in ("bos_token_id", "eot_token_id")
+    _check(is_int(value) or (optional and value is None), name,
+           f"expected a token id (integer), got {_short(value)}")
+  for name in ("dtype", "param_dtype", "attention", "remat_policy"):
+    _check(isinstance(getattr(cfg, name), str), name,
+           f"expected a string, got {_short(getattr(cfg, name))}")
+
+
 def read_hf_config(model_dir: str) -> dict[str, Any]:
+  """The JSON object of `model_dir/config.json` (ValueError naming the file if it is not one)."""
   path = os.path.join(model_dir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no config.json in the model directory")
-  with open(path) as f:
-    return json.load(f)
+  with open(path, encoding="utf-8") as f:
+    try:
+      hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{path}: not valid JSON ({e})") from e
+  if not isinstance(hf, dict):
+    raise ValueError(f"{path}: expected a JSON object, got a {type(hf).__name__}")
+  return hf
 
 
 def tokenizer_special_ids(model_dir: str) -> dict[str, int]:

@@ -14,4 +14,4 @@ def __getattr__(name: str):
 
 if __name__ == "__main__":
   _impl.define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_impl.validate.parse_flags)

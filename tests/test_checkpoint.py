@@ -155,3 +155,32 @@ def test_load_takes_a_relative_path(fixture_dir, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   model = llada_jax.load("conv")
   assert model.config.n_layers == 2
+
+
+def _flip_a_byte(pytree_dir):
+  """Flips one bit in the middle of the largest data file of an Orbax checkpoint."""
+  files = [os.path.join(d, f) for d, _, names in os.walk(pytree_dir) for f in names]
+  path = max(files, key=os.path.getsize)
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0x10
+  open(path, "wb").write(bytes(data))
+
+
+def test_flipped_bytes_and_nonfinite_params_are_refused_naming_the_tensor(
+    converted, fixture_dir, tiny_params, tmp_path):
+  """Case 2 of issue 17: no silent corruption at load (digest, finiteness)."""
+  assert checkpoint.recorded_digests(layout.params_pytree_dir(converted))  # written with them
+  flipped = tmp_path / "flipped"
+  shutil.copytree(converted, flipped)
+  _flip_a_byte(flipped / layout.PARAMS_DIR)
+  with pytest.raises(ValueError, match=r"parameter \S+ is corrupt \(its checksum"):
+    llada_jax.load(str(flipped))
+  params = jax.tree.map(np.asarray, tiny_params)
+  params["blocks"]["ff_out"] = params["blocks"]["ff_out"].copy()
+  params["blocks"]["ff_out"][1, 3, 5] = np.inf
+  nan_dir = _converted_dir(fixture_dir, tmp_path / "nan", params)
+  with pytest.raises(ValueError, match="parameter blocks/ff_out has non-finite values "
+                                       r"\(1 of \d+ are NaN or Inf\); pass allow_nonfinite"):
+    llada_jax.load(nan_dir)
+  model = llada_jax.load(nan_dir, allow_nonfinite=True)  # for debugging
+  assert not np.isfinite(np.asarray(model.blocks.ff_out[...])).all()

@@ -1,6 +1,7 @@
 """ModelConfig: HF config.json in and out, refusals, special ids."""
 
 import json
+import re
 import pathlib
 import shutil
 
@@ -113,3 +114,36 @@ def test_invalid_values_name_the_field(bad, match):
 def test_unknown_config_keys_are_refused():
   with pytest.raises(ValueError, match="n_experts"):
     ModelConfig.from_dict({**tiny.model_config().to_dict(), "n_experts": 8})
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"d_model": "64"}, "d_model: expected a positive integer, got '64'"),
+    ({"n_layers": 2.0}, "n_layers: expected a positive integer, got 2.0"),
+    ({"n_layers": -1}, "n_layers: expected a positive integer, got -1"),
+    ({"n_heads": [4]}, "n_heads: expected a positive integer, got [4]"),
+    ({"max_sequence_length": 0}, "max_sequence_length: expected a positive integer, got 0"),
+    ({"rope_theta": "big"}, "rope_theta: expected a finite number > 0, got 'big'"),
+    ({"weight_tying": "no"}, "weight_tying: expected true or false, got 'no'"),
+    ({"mlp_ratio": 1.5, "mlp_hidden_size": None}, "mlp_ratio: expected a positive integer, got 1.5"),
+    ({"eos_token_id": "2"}, "eos_token_id: expected a token id (integer), got '2'"),
+])
+def test_bad_config_json_values_name_the_file_and_key(fixture_dir, tmp_path, edit, needle):
+  """Case 7 of issue 17: each refusal names DIR/config.json and the key."""
+  from llada_jax.checkpoints import layout  # pylint: disable=g-import-not-at-top
+  model_dir = tmp_path / "m"
+  model_dir.mkdir()
+  hf = {**json.loads((pathlib.Path(fixture_dir) / "config.json").read_text()), **edit}
+  (model_dir / "config.json").write_text(json.dumps(hf))
+  with pytest.raises(ValueError) as e:
+    layout.read_config(str(model_dir))
+  assert str(e.value) == f"{model_dir}/config.json: {needle}"
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('{"d_model": 64,', "not valid JSON (Expecting property name"),
+    ("[1, 2]", "expected a JSON object, got a list"),
+])
+def test_config_json_that_is_no_object_is_named(tmp_path, text, needle):
+  (tmp_path / "config.json").write_text(text)
+  with pytest.raises(ValueError, match=rf"^{tmp_path}/config.json: {re.escape(needle)}"):
+    config_from_model_dir(str(tmp_path))

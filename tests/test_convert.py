@@ -1,6 +1,7 @@
 """The converters end to end: round trips, dtypes, and every refusal."""
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -12,6 +13,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import llada_jax
+import llada_jax.ownership
 from llada_jax.checkpoints import hf as hf_checkpoint
 from llada_jax.checkpoints import layout
 from llada_jax.checkpoints import orbax as checkpoint
@@ -156,6 +158,28 @@ def test_bad_tensors_are_refused(fixture_dir, tmp_path, edit, needle, capsys):
   _assert_refused(rc, err, out, needle)
 
 
+def test_nonfinite_tensors_are_refused_unless_allowed(fixture_dir, tmp_path, capsys):
+  """Case 2 of issue 17: a NaN in a safetensors file is named at conversion and load."""
+  name = PREFIX + "blocks.1.q_proj.weight"
+
+  def poison(t):
+    t[name] = t[name].copy()
+    t[name][2, 7] = np.nan
+  src = _snapshot(fixture_dir, tmp_path, poison)
+  out = tmp_path / "out"
+  rc, err = _run(hf_to_orbax.main, ["--hf_dir", src, "--output_dir", str(out)], capsys)
+  _assert_refused(rc, err, out, f"tensor {name} has non-finite values (1 of 4096",
+                  "model-0000", "--allow_nonfinite")
+  with pytest.raises(ValueError, match=f"tensor {name} has non-finite values"):
+    llada_jax.load(src)
+  assert _run(hf_to_orbax.main, ["--hf_dir", src, "--output_dir", str(out),
+                                 "--allow_nonfinite"], capsys)[0] == 0
+  hf = tmp_path / "hf"
+  rc, err = _run(orbax_to_hf.main, ["--checkpoint", str(out), "--output_dir", str(hf)], capsys)
+  _assert_refused(rc, err, hf, "parameter blocks/q_proj has non-finite values",
+                  "--allow_nonfinite")
+
+
 def _truncate(path):
   path.write_bytes(path.read_bytes()[:-100])
 
@@ -166,8 +190,18 @@ def _corrupt_header(path):
   path.write_bytes(bytes(data))
 
 
+def _drop_a_dtype(path):
+  data = path.read_bytes()
+  n = int.from_bytes(data[:8], "little")
+  header = json.loads(data[8:8 + n])
+  del header[sorted(k for k in header if k != "__metadata__")[0]]["dtype"]
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  path.write_bytes(data[:8] + raw + b" " * (n - len(raw)) + data[8 + n:])
+
+
 @pytest.mark.parametrize("damage,needle", [
     (_truncate, "truncated"), (_corrupt_header, "header is not JSON"),
+    (_drop_a_dtype, "header entry has no 'dtype'"),
     (lambda p: p.unlink(), "names shard model-00002-of-00002.safetensors, which does not exist"),
 ])
 def test_damaged_snapshot_is_refused(fixture_dir, tmp_path, damage, needle, capsys):
@@ -187,6 +221,18 @@ def test_non_llada_config_is_refused(fixture_dir, tmp_path, capsys):
   _assert_refused(rc, err, out, f"{src}/config.json: model_type is 'llama', expected 'llada'")
 
 
+def _files(root, skip=None):
+  """{relative path: (size, mtime)} of every file under `root` (but `skip`)."""
+  out = {}
+  for dirpath, _, names in os.walk(root):
+    if skip and (dirpath + os.sep).startswith(str(skip) + os.sep):
+      continue
+    for name in names:
+      path = os.path.join(dirpath, name)
+      out[os.path.relpath(path, root)] = (os.path.getsize(path), os.stat(path).st_mtime_ns)
+  return out
+
+
 def test_existing_checkpoint_needs_overwrite(fixture_dir, tmp_path, capsys):
   out = tmp_path / "out"
   assert _run(hf_to_orbax.main, ["--hf_dir", fixture_dir, "--output_dir", str(out)], capsys)[0] == 0
@@ -194,13 +240,59 @@ def test_existing_checkpoint_needs_overwrite(fixture_dir, tmp_path, capsys):
   rc, err = _run(hf_to_orbax.main, ["--hf_dir", fixture_dir, "--output_dir", str(out)], capsys)
   assert rc == 1 and "already holds files" in err and "--overwrite" in err
   assert sorted(os.listdir(out)) == before and not _leftovers(out)
-  (out / "marker").write_text("old")
+  # A checkpoint of ours is replaced (atomically: renamed over, nothing left beside it).
+  stamp = os.stat(out / "params").st_ino
   assert _run(hf_to_orbax.main, ["--hf_dir", fixture_dir, "--output_dir", str(out),
                                  "--overwrite"], capsys)[0] == 0
   assert sorted(os.listdir(out)) == before and not _leftovers(out)
+  assert os.stat(out / "params").st_ino != stamp
   empty = tmp_path / "empty"
   empty.mkdir()  # an empty directory is no checkpoint: filled without --overwrite
   assert _run(hf_to_orbax.main, ["--hf_dir", fixture_dir, "--output_dir", str(empty)], capsys)[0] == 0
+
+
+def test_overwrite_never_deletes_the_input_or_other_files(fixture_dir, tmp_path, capsys):
+  """Case 1 of issue 17: --overwrite onto the input, a directory above it, or a
+  directory holding anything but our checkpoint is refused, naming it."""
+  (tmp_path / "a" / "b").mkdir(parents=True)
+  src = pathlib.Path(_snapshot(fixture_dir, tmp_path / "a" / "b", name="hf"))
+  orbax_dir = tmp_path / "conv"
+  assert _run(hf_to_orbax.main, ["--hf_dir", str(src), "--output_dir", str(orbax_dir)],
+              capsys)[0] == 0
+  (orbax_dir / "notes.txt").write_text("mine")  # our checkpoint plus a file of the user's
+  home = tmp_path / "home"
+  (home / "data").mkdir(parents=True)
+  (home / "data" / "x.bin").write_bytes(b"precious")
+  before = _files(tmp_path)
+  cases = [
+      (hf_to_orbax.main, ["--hf_dir", str(src), "--output_dir", str(src)], "is the input"),
+      (hf_to_orbax.main, ["--hf_dir", str(src), "--output_dir", str(tmp_path / "a")],
+       "contains the input"),
+      (orbax_to_hf.main, ["--checkpoint", str(orbax_dir), "--output_dir", str(orbax_dir)],
+       "is the input"),
+      (hf_to_orbax.main, ["--hf_dir", str(src), "--output_dir", str(home)], "holds data"),
+      (orbax_to_hf.main, ["--checkpoint", str(orbax_dir), "--output_dir", str(src.parent)],
+       "holds hf, which is not a checkpoint"),
+      (hf_to_orbax.main, ["--hf_dir", str(src), "--output_dir", str(orbax_dir)], "notes.txt"),
+  ]
+  for main, args, needle in cases:
+    rc, err = _run(main, [*args, "--overwrite"], capsys)
+    assert rc == 1 and len(err.splitlines()) == 1 and needle in err, (args, err)
+  assert _files(tmp_path) == before  # not one file touched
+
+
+def test_leftovers_of_a_killed_conversion_are_removed(fixture_dir, tmp_path, capsys):
+  out = tmp_path / "out"
+  host = llada_jax.ownership.tag().rsplit("-", 1)[0]
+  stale = tmp_path / f".out.partial-{host}-999999999-abcd1234"  # no such pid
+  stale.mkdir()
+  (stale / "big").write_bytes(b"x" * 1000)
+  live = tmp_path / f".out.partial-{llada_jax.ownership.tag()}-live0000"  # our own pid: running
+  live.mkdir()
+  rc, err = _run(hf_to_orbax.main, ["--hf_dir", fixture_dir, "--output_dir", str(out)], capsys)
+  assert rc == 0
+  assert not stale.exists() and live.exists()
+  assert str(live) in err and "left by another conversion" in err
 
 
 def test_interrupted_conversion_leaves_nothing(fixture_dir, tmp_path, monkeypatch, capsys):
@@ -220,11 +312,13 @@ def test_interrupted_conversion_leaves_nothing(fixture_dir, tmp_path, monkeypatc
   assert not out.exists() and not _leftovers(out)
 
 
-def test_full_disk_is_reported_and_leaves_nothing(fixture_dir, tmp_path, capsys):
+@pytest.mark.parametrize("size", ["400k", "700k"])  # full before / during Orbax's writes
+def test_full_disk_is_reported_and_leaves_nothing(fixture_dir, tmp_path, capsys, caplog, size):
   mnt = tmp_path / "small_disk"
   mnt.mkdir()
+  caplog.set_level(logging.WARNING, logger="absl")  # Orbax logs its thread errors here
   try:
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)],
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
                    check=True, capture_output=True)
   except (OSError, subprocess.CalledProcessError) as e:
     pytest.skip(f"cannot mount a small tmpfs here (needs root): {e}")
@@ -233,6 +327,7 @@ def test_full_disk_is_reported_and_leaves_nothing(fixture_dir, tmp_path, capsys)
     rc, err = _run(hf_to_orbax.main, ["--hf_dir", fixture_dir, "--output_dir", str(out)], capsys)
     _assert_refused(rc, err, out, "no space left on device", str(mnt))
     assert os.listdir(mnt) == []
+    assert not [r for r in caplog.records if r.name == "absl"]  # no tracebacks before the line
   finally:
     subprocess.run(["umount", str(mnt)], check=False)
 

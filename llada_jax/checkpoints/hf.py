@@ -24,6 +24,7 @@ from typing import Iterator
 import ml_dtypes  # noqa: F401  (registers bfloat16 for numpy; safetensors needs it)
 import numpy as np
 
+from llada_jax.checkpoints import integrity
 from llada_jax.config import ModelConfig
 from llada_jax.layers.params import ParamSpec
 from llada_jax import models
@@ -81,7 +82,11 @@ def read_safetensors_header(path: str) -> tuple[int, dict[str, tuple[str, tuple[
       header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise bad(f"header is not JSON: {e}") from e
+  if not isinstance(header, dict):
+    raise bad(f"header is a JSON {type(header).__name__}, not an object")
   header.pop("__metadata__", None)
+  for name, info in header.items():
+    _check_header_entry(name, info, bad)
   tensors, offset = {}, 0
   for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
     dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
@@ -94,6 +99,23 @@ def read_safetensors_header(path: str) -> tuple[int, dict[str, tuple[str, tuple[
   if 8 + n + offset != size:
     raise bad(f"truncated: the header describes {8 + n + offset} bytes, the file has {size}")
   return 8 + n, tensors
+
+
+def _check_header_entry(name: str, info, bad) -> None:
+  """A header entry is {"dtype": str, "shape": [int >= 0], "data_offsets": [int, int]}."""
+  if not isinstance(info, dict):
+    raise bad(f"tensor {name}: header entry is not an object")
+  for key in ("dtype", "shape", "data_offsets"):
+    if key not in info:
+      raise bad(f"tensor {name}: header entry has no {key!r}")
+  if not isinstance(info["dtype"], str):
+    raise bad(f"tensor {name}: dtype {info['dtype']!r} is not a string")
+  ints = lambda v: isinstance(v, list) and all(
+      isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v)
+  if not ints(info["shape"]):
+    raise bad(f"tensor {name}: shape {info['shape']!r} is not a list of sizes")
+  if not ints(info["data_offsets"]) or len(info["data_offsets"]) != 2:
+    raise bad(f"tensor {name}: data_offsets {info['data_offsets']!r} are not two offsets")
 
 
 class TensorSource:
@@ -365,25 +387,35 @@ class SafetensorsShardWriter:
     return list(self.files)
 
 
-def read_params(reader, cfg: ModelConfig, dtype: str | None = None
-                ) -> Iterator[tuple[str, np.ndarray]]:
+def read_params(reader, cfg: ModelConfig, dtype: str | None = None,
+                nonfinite_hint: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (Flax param path, numpy array in Flax layout), one parameter at a time.
 
-  `reader` has `.get(name)`; `dtype` casts (default: the stored dtype).
+  `reader` has `.get(name)`; `dtype` casts (default: the stored dtype). With
+  `nonfinite_hint`, a tensor holding NaN / Inf is refused as it is read
+  (ValueError naming the file and tensor, ending with the hint).
   Stacked parameters are assembled tensor by tensor (layer, expert) into one
   buffer; nothing is kept after a parameter is yielded, so once the caller
   drops it at most one (stacked) parameter is resident. An unstacked one is
   yielded without a copy (a transposed view when the layouts differ).
   """
   np_dtype = NP_DTYPES[dtype] if dtype else None
+
+  def get(name):
+    w = reader.get(name)
+    if nonfinite_hint is not None:
+      where = os.path.join(reader.model_dir, reader.file_of.get(name, ""))
+      integrity.check_array_finite(name, w, where, nonfinite_hint, kind="tensor")
+    return w
+
   for spec, shape, entries in hf_entries(cfg):
     if not spec.stacked:
-      buf = spec.to_flax(reader.get(spec.hf), shape)
+      buf = spec.to_flax(get(spec.hf), shape)
       yield spec.path, buf if np_dtype is None else buf.astype(np_dtype, copy=False)
       continue
     buf = None
     for index, name in entries:
-      w = spec.to_flax(reader.get(name), shape[len(index):])
+      w = spec.to_flax(get(name), shape[len(index):])
       if buf is None:
         buf = np.empty(shape, np_dtype or w.dtype)
       buf[index] = w

@@ -14,9 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
-
-import orbax.checkpoint as ocp
 
 from llada_jax.config import ModelConfig, config_from_model_dir
 
@@ -30,6 +29,11 @@ TRAIN_CONFIG_FILE = "train_config.json"  # workdir: the full training config
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
 PYTREE_METADATA = "_METADATA"  # Orbax's pytree metadata file
+CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"  # Orbax's per-checkpoint json (custom_metadata)
+# What the converters write into an output directory: the entries a directory
+# may hold for `--overwrite` to replace it.
+SAFETENSORS_NAME = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+OUTPUT_FILES = (CONFIG_FILE, PARAMS_DIR, "model.safetensors.index.json") + TOKENIZER_FILES
 
 
 def model_dir_kind(path: str) -> str:
@@ -78,16 +82,63 @@ def write_config(dst_dir: str, cfg: ModelConfig, torch_dtype: str, source_dir: s
     f.write("\n")
 
 
+def foreign_entries(path: str) -> list[str] | None:
+  """None if `path` holds a converted checkpoint or HF snapshot as the converters
+  write them; else the entries that are not such a checkpoint (all of them if
+  the checkpoint's config.json or weights are missing)."""
+  names = sorted(os.listdir(path))
+  foreign = [n for n in names if n not in OUTPUT_FILES and not SAFETENSORS_NAME.match(n)]
+  has_weights = PARAMS_DIR in names or any(SAFETENSORS_NAME.match(n) for n in names)
+  if foreign or CONFIG_FILE not in names or not has_weights:
+    return foreign or names
+  return None
+
+
+def step_dirs(checkpoints_dir: str) -> list[str]:
+  """Finalized step directories of a CheckpointManager directory, newest first.
+
+  Orbax writes a step under a temporary name and renames it to the bare step
+  number when complete, so the numbered directories are the finished steps.
+  """
+  try:
+    names = os.listdir(checkpoints_dir)
+  except FileNotFoundError:
+    return []
+  steps = sorted((int(n) for n in names if n.isdigit()
+                  and os.path.isdir(os.path.join(checkpoints_dir, n))), reverse=True)
+  return [os.path.join(os.path.abspath(checkpoints_dir), str(s)) for s in steps]
+
+
 def latest_step_dir(checkpoints_dir: str) -> str:
   """The newest complete step directory of a CheckpointManager directory."""
-  manager = ocp.CheckpointManager(
-      os.path.abspath(checkpoints_dir), options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  manager.close()
-  if step is None:
+  steps = step_dirs(checkpoints_dir)
+  if not steps:
     raise FileNotFoundError(f"{checkpoints_dir}: no complete checkpoint step")
-  return str(ocp.step.find_step_path(checkpoints_dir, ocp.step.standard_name_format(),
-                                     step=step))
+  return steps[0]
+
+
+def custom_metadata(orbax_dir: str) -> dict:
+  """The `custom_metadata` of an Orbax checkpoint directory ({} if it has none)."""
+  try:
+    with open(os.path.join(orbax_dir, CHECKPOINT_METADATA)) as f:
+      out = json.load(f).get("custom_metadata") or {}
+  except (OSError, ValueError, AttributeError):
+    return {}
+  return out if isinstance(out, dict) else {}
+
+
+def params_pytree_dirs(path: str) -> list[str]:
+  """The candidate parameter pytree directories under `path`, best first: a
+  workdir's steps newest first, else the one `params_pytree_dir(path)`."""
+  path = os.path.abspath(os.fspath(path))
+  if (not os.path.exists(os.path.join(path, PYTREE_METADATA))
+      and os.path.isdir(os.path.join(path, CHECKPOINTS_DIR))):
+    steps = step_dirs(os.path.join(path, CHECKPOINTS_DIR))
+    if not steps:
+      raise FileNotFoundError(f"{os.path.join(path, CHECKPOINTS_DIR)}: no complete "
+                              f"checkpoint step")
+    return [os.path.join(s, PARAMS_ITEM) for s in steps]
+  return [params_pytree_dir(path)]
 
 
 def params_pytree_dir(path: str) -> str:

@@ -17,8 +17,8 @@ from llada_jax import sharding
 from llada_jax.checkpoints import hf as hf_checkpoint
 from llada_jax.checkpoints import hub
 from llada_jax.checkpoints.layout import model_dir_kind, read_config
-from llada_jax.checkpoints.orbax import flat_params, restore_params
 from llada_jax import models
+from llada_jax.checkpoints.orbax import LOAD_HINT, flat_params, restore_params
 
 def _set_path(state: nnx.State, path: str, value) -> None:
   node = state
@@ -38,7 +38,8 @@ def _placer(state: nnx.State, mesh: Mesh | None, rules):
 
 def load(path: str, dtype: str = "float32", param_dtype: str | None = None, *,
          mesh: Mesh | None = None, rules: Any = sharding.DEFAULT_RULES,
-         revision: str | None = None, **config_overrides) -> nnx.Module:
+         revision: str | None = None, allow_nonfinite: bool = False,
+         **config_overrides) -> nnx.Module:
   """Loads a LLaDA model directory of any kind (HF snapshot, converted, workdir).
 
   Args:
@@ -50,6 +51,9 @@ def load(path: str, dtype: str = "float32", param_dtype: str | None = None, *,
       checkpoint is restored straight into the shards; a dimension that does
       not divide its mesh axes is replicated, with a warning).
     revision: a Hub id's branch, tag or commit (instead of `@revision`).
+    allow_nonfinite: accept NaN / Inf parameters (else a ValueError naming the
+      tensor). Orbax checkpoints are also checked against their digests, and a
+      workdir falls back past a broken newest step (see `orbax.restore_params`).
     **config_overrides: other ModelConfig fields (attention, remat_policy...).
   Returns:
     A `Transformer`; `model(ids, mask)` gives float32 logits and
@@ -63,9 +67,11 @@ def load(path: str, dtype: str = "float32", param_dtype: str | None = None, *,
     reader = hf_checkpoint.open_reader(path)
     reader.check(cfg)  # every tensor accounted for before any data is read
     place = _placer(state, mesh, rules)
-    for param_path, array in hf_checkpoint.read_params(reader, cfg, cfg.param_dtype):
+    hint = None if allow_nonfinite else LOAD_HINT
+    for param_path, array in hf_checkpoint.read_params(reader, cfg, cfg.param_dtype, hint):
       _set_path(state, param_path, place(param_path, array))
   else:
     shardings = None if mesh is None else sharding.param_shardings(state, mesh, rules)
-    nnx.replace_by_pure_dict(state, restore_params(path, state, shardings))
+    nnx.replace_by_pure_dict(state, restore_params(path, state, shardings,
+                                                   allow_nonfinite=allow_nonfinite))
   return nnx.merge(graphdef, state)

@@ -1,12 +1,14 @@
 """HuggingFace LLaDA snapshot -> converted Orbax checkpoint directory.
 
     python -m llada_jax.convert.hf_to_orbax --hf_dir DIR --output_dir DIR [--dtype bfloat16|float32] [--overwrite]
+        [--allow_nonfinite]
 
 Reads sharded or single safetensors (or PyTorch `.bin` with torch installed),
 checks every tensor against config.json before reading data, and writes
 `config.json`, the tokenizer files and `params/` (Orbax) one stacked
 parameter at a time: peak memory is about twice the largest stacked tensor,
-whatever the model size.
+whatever the model size. A tensor holding NaN / Inf is refused (naming it)
+unless --allow_nonfinite; the output carries a digest per parameter.
 """
 
 from __future__ import annotations
@@ -26,10 +28,17 @@ from llada_jax.convert import staging
 from llada_jax.models import param_shapes
 
 
+NONFINITE_HINT = "pass --allow_nonfinite to convert it anyway"
+
+
 def convert(hf_dir: str, output_dir: str, dtype: str | None = None,
-            overwrite: bool = False, progress: bool = True) -> dict:
+            overwrite: bool = False, progress: bool = True,
+            allow_nonfinite: bool = False) -> dict:
   """Converts; returns the summary (params, tensors, bytes, seconds, peak_rss_bytes)."""
   hf_dir = hub.resolve_model_dir(hf_dir)  # a directory, or a Hub id owner/name[@revision]
+  if not os.path.isdir(hf_dir):
+    raise FileNotFoundError(f"{hf_dir}: no such directory")
+  staging.check_output(output_dir, overwrite, [hf_dir])
   cfg = layout.read_config(hf_dir)
   reader = hf_checkpoint.open_reader(hf_dir)
   reader.check(cfg)
@@ -39,13 +48,14 @@ def convert(hf_dir: str, output_dir: str, dtype: str | None = None,
   cfg = cfg.replace(param_dtype=dtype)
   shapes = param_shapes(cfg)
   itemsize = np.dtype(hf_checkpoint.NP_DTYPES[dtype]).itemsize
-  with staging.staged_output(output_dir, overwrite) as tmp:
+  with staging.staged_output(output_dir, overwrite, [hf_dir]) as tmp:
     layout.write_config(tmp, cfg, dtype, hf_dir)
     layout.copy_tokenizer_files(hf_dir, tmp)
     bar = staging.Progress(sum(math.prod(s) for s in shapes.values()) * itemsize,
                            len(reader.shapes), "hf -> orbax", progress)
     writer = checkpoint.ParamWriter(os.path.join(tmp, layout.PARAMS_DIR))
-    for path, array in hf_checkpoint.read_params(reader, cfg, dtype):
+    hint = None if allow_nonfinite else NONFINITE_HINT
+    for path, array in hf_checkpoint.read_params(reader, cfg, dtype, hint):
       writer.write(path, array)
       bar.update(array.nbytes, cfg.n_layers if path.startswith("blocks/") else 1, array.size)
       del array
@@ -63,11 +73,15 @@ def main(argv=None) -> int:
                       help="parameter dtype on disk (default: the source's)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace a checkpoint already in --output_dir")
+  parser.add_argument("--allow_nonfinite", action="store_true",
+                      help="convert tensors holding NaN / Inf (for debugging)")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+  parser.add_argument("--verbose", action="store_true", help="tracebacks on errors")
   args = parser.parse_args(argv)
   return staging.run_cli(parser.prog, args.output_dir, lambda: staging.summary_line(
       f"wrote {args.output_dir}", convert(args.hf_dir, args.output_dir, args.dtype,
-                                          args.overwrite, not args.no_progress)))
+                                          args.overwrite, not args.no_progress,
+                                          args.allow_nonfinite)))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import os
 import resource
 import shutil
@@ -14,36 +13,108 @@ import signal
 import sys
 import tempfile
 import time
-from typing import Callable, Iterator
+import traceback
+from typing import Callable, Iterator, Sequence
 
 import tqdm
 
+from llada_jax import errors
+from llada_jax import ownership
+from llada_jax.checkpoints import layout
+
+
+PARTIAL = "partial"  # .NAME.partial-HOST-PID-XXXX: a conversion being written
+OLD = "old"  # .NAME.old-HOST-PID-XXXX: the replaced output, removed after the swap
+
+
+def _real(path: str) -> str:
+  return os.path.realpath(os.path.abspath(path))
+
+
+def check_output(output_dir: str, overwrite: bool, sources: Sequence[str] = ()) -> None:
+  """Refuses, before any work, an output that would lose data.
+
+  The output may not be a source or a directory above one (replacing it
+  would delete the input). An existing non-empty output is replaced only
+  with `overwrite`, and only if it holds a checkpoint as the converters write
+  them (config.json + params/ or safetensors, tokenizer files); otherwise the
+  error names what is there.
+  """
+  out = _real(output_dir)
+  for src in sources:
+    src_real = _real(src)
+    if out == src_real or src_real.startswith(out + os.sep):
+      what = "is" if out == src_real else "contains"
+      raise ValueError(f"--output_dir {output_dir} {what} the input {src}; choose another "
+                       f"output directory")
+  if not os.path.exists(output_dir):
+    return
+  if not os.path.isdir(output_dir):
+    raise FileExistsError(f"{output_dir}: exists and is not a directory")
+  if not os.listdir(output_dir):
+    return
+  if not overwrite:
+    raise FileExistsError(f"{output_dir}: already holds files (a checkpoint?); "
+                          f"pass --overwrite to replace it")
+  foreign = layout.foreign_entries(output_dir)
+  if foreign is not None:
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    raise FileExistsError(f"{output_dir}: holds {shown}, which is not a checkpoint written by "
+                          f"the converters; --overwrite replaces only such a checkpoint")
+
+
+def clean_leftovers(output_dir: str) -> list[str]:
+  """Removes `.NAME.partial-*` / `.NAME.old-*` beside `output_dir` left by dead
+  conversions on this host; returns (and warns about) the ones left in place
+  (their owner runs, is on another host, or is unknown)."""
+  parent, base = os.path.split(os.path.abspath(output_dir))
+  kept = []
+  try:
+    names = os.listdir(parent)
+  except FileNotFoundError:
+    return kept
+  for name in names:
+    for kind in (PARTIAL, OLD):
+      prefix = f".{base}.{kind}-"
+      if name.startswith(prefix):
+        owner = ownership.parse_tag(name[len(prefix):])
+        if owner is not None and ownership.alive(owner) is False:
+          shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        else:
+          kept.append(os.path.join(parent, name))
+  for path in kept:
+    print(f"warning: {path}: left by another conversion into {output_dir} (running, on "
+          f"another host, or from an older version); remove it if none is running",
+          file=sys.stderr)
+  return kept
+
 
 @contextlib.contextmanager
-def staged_output(output_dir: str, overwrite: bool = False) -> Iterator[str]:
+def staged_output(output_dir: str, overwrite: bool = False,
+                  sources: Sequence[str] = ()) -> Iterator[str]:
   """Yields a fresh temp directory beside `output_dir`; on success renames it there.
 
-  Refuses (before any work) a non-empty `output_dir` unless `overwrite`. On
-  any failure or interrupt the temp directory is removed, so `output_dir` is
-  left as it was: absent, empty, or (with `overwrite`) the old checkpoint.
+  Refuses (before any work, see `check_output`) an output that is or holds
+  an input, or a non-empty `output_dir` unless `overwrite` and it is one of
+  our checkpoints. On any failure or interrupt the temp directory is removed,
+  so `output_dir` is left as it was: absent, empty, or (with `overwrite`) the
+  old checkpoint. Temp directories of killed conversions are removed first.
   """
+  check_output(output_dir, overwrite, sources)
   output_dir = os.path.abspath(output_dir)
-  if os.path.exists(output_dir):
-    if not os.path.isdir(output_dir):
-      raise FileExistsError(f"{output_dir}: exists and is not a directory")
-    if os.listdir(output_dir) and not overwrite:
-      raise FileExistsError(f"{output_dir}: already holds files (a checkpoint?); "
-                            f"pass --overwrite to replace it")
   parent, base = os.path.split(output_dir)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{base}.partial-", dir=parent)
+  clean_leftovers(output_dir)
+  owner = ownership.tag()
+  tmp = tempfile.mkdtemp(prefix=f".{base}.{PARTIAL}-{owner}-", dir=parent)
   umask = os.umask(0)
   os.umask(umask)
   os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 is not what a checkpoint needs
   try:
     yield tmp
     if os.path.exists(output_dir) and os.listdir(output_dir):
-      old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+      check_output(output_dir, overwrite, sources)  # nothing new arrived meanwhile
+      old = tempfile.mkdtemp(prefix=f".{base}.{OLD}-{owner}-", dir=parent)
       os.rename(output_dir, os.path.join(old, base))
       os.rename(tmp, output_dir)
       shutil.rmtree(old, ignore_errors=True)
@@ -108,16 +179,6 @@ def summary_line(what: str, s: dict) -> str:
           f"peak RSS {s['peak_rss_bytes'] / 2**30:.3f} GiB")
 
 
-def _one_line(e: BaseException, output_dir: str) -> str:
-  text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-  no_space = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
-      "No space left on device" in str(e))
-  if no_space:
-    where = getattr(e, "filename", None) or os.path.dirname(os.path.abspath(output_dir))
-    text = f"no space left on device writing {where}"
-  return text[:500]
-
-
 def _raise_interrupt(signum, frame):
   raise KeyboardInterrupt(f"signal {signum}")
 
@@ -126,7 +187,9 @@ def run_cli(prog: str, output_dir: str, fn: Callable[[], str]) -> int:
   """Runs `fn` (returns the summary line); failures -> one line on stderr, exit 1.
 
   SIGTERM is turned into an interrupt so the staged output is cleaned up.
+  Library log lines are silenced (`errors.quiet_library_logs`).
   """
+  errors.quiet_library_logs()
   previous = signal.signal(signal.SIGTERM, _raise_interrupt)
   try:
     print(fn())
@@ -135,7 +198,11 @@ def run_cli(prog: str, output_dir: str, fn: Callable[[], str]) -> int:
     print(f"{prog}: interrupted; {output_dir} left unchanged", file=sys.stderr)
     return 130
   except Exception as e:  # pylint: disable=broad-except
-    print(f"{prog}: error: {_one_line(e, output_dir)}; {output_dir} left unchanged", file=sys.stderr)
+    if errors.debug_enabled():
+      traceback.print_exc()
+    where = os.path.dirname(os.path.abspath(output_dir))
+    print(f"{prog}: error: {errors.one_line(e, where)}; {output_dir} left unchanged",
+          file=sys.stderr)
     return 1
   finally:
     signal.signal(signal.SIGTERM, previous)

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import gradio as gr
 import numpy as np
 
+from llada_jax import errors
 from llada_jax.frontends import chat
 from llada_jax.sampling import sampler as sampling
 
@@ -89,6 +90,7 @@ def build(model, tok, settings: dict[str, Any]) -> gr.Blocks:
         "block_length": int(block_length), "temperature": float(temperature),
         "cfg_scale": float(cfg_scale), "remasking": remasking})
     conv.history, conv.turns = list(history), int(turns)
+    conv.too_long_hint = "Press Reset to start over, or lower gen_length."
     try:
       constraints = parse_constraints(fixed_words or "", tok, int(gen_length))
       reply = conv.reply(message, trace=True, constraints=constraints or None)
@@ -147,6 +149,7 @@ def build(model, tok, settings: dict[str, Any]) -> gr.Blocks:
   return demo
 
 
+@errors.report_errors("python -m llada_jax.app")
 def main(argv: Sequence[str] | None = None) -> int:
   parser = chat.front_end_parser("python -m llada_jax.app", __doc__.split("\n\n")[0])
   parser.add_argument("--host", default="127.0.0.1", help="address to listen on")

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from jax import monitoring
 
+from llada_jax import errors
 from llada_jax.checkpoints import loading
 from llada_jax.frontends import settings as settings_lib
 from llada_jax.sampling import sampler as sampling
@@ -109,6 +110,9 @@ class Reply:
 class Conversation:
   """The chat state: token history, sampler settings and the turn counter."""
 
+  # What the too-long message tells the user to do (the web demo has buttons instead).
+  too_long_hint = "/reset to start over, or /set a smaller gen_length."
+
   def __init__(self, model, tok: Tokenizer, settings: dict[str, Any]):
     self.model, self.tok, self.settings = model, tok, dict(settings)
     self.cfg = model.config
@@ -135,7 +139,7 @@ class Conversation:
       raise ValueError(
           f"the conversation is too long: {len(prompt)} prompt tokens + gen_length "
           f"{gen_length} exceed the model's context of {self.cfg.max_sequence_length} "
-          f"tokens. /reset to start over, or /set a smaller gen_length.")
+          f"tokens. {self.too_long_hint}")
     bucket = settings_lib.bucket_length(len(prompt), limit, floor=MIN_BUCKET)
     ids, _ = settings_lib.left_pad([prompt], bucket, self.cfg.pad_token_id)
     mask = (np.arange(bucket) >= bucket - len(prompt)).astype(np.int32)[None]
@@ -227,6 +231,7 @@ def load_front_end(parser: argparse.ArgumentParser, args: argparse.Namespace):
   return loading.load(checkpoint, dtype=args.dtype), tok, settings
 
 
+@errors.report_errors("python -m llada_jax.chat")
 def main(argv: Sequence[str] | None = None) -> int:
   parser = front_end_parser("python -m llada_jax.chat", __doc__.split("\n\n")[0])
   model, tok, settings = load_front_end(parser, parser.parse_args(argv))

@@ -16,7 +16,8 @@ names. Same-settings prompts are sorted by length and left-padded into
 batches of the front ends' buckets (`settings.bucket_length`, `bucket_rows`).
 Each output line is the input object with "completion" added, in input order.
 A bad line is reported with its number on stderr and skipped; the others
-still run.
+still run. Completions reach OUTPUT.partial as each batch finishes; after a
+crash, `--resume` continues from there. Errors are one line (tracebacks: --verbose).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import jax
 import numpy as np
 import tqdm
 
+from llada_jax import errors
+from llada_jax.frontends import completions
 from llada_jax.frontends import settings as settings_lib
 from llada_jax.sampling import sampler as sampling
 from llada_jax.tokenizer import Tokenizer, load_tokenizer
@@ -109,24 +112,24 @@ def _read_requests(path: str, tok: Tokenizer, cfg, chat: bool, defaults: dict[st
 
 
 def run_file(model, tok: Tokenizer, input_path: str, output_path: str, *, batch_size: int,
-             chat: bool, defaults: dict[str, Any]) -> dict[str, int]:
-  """Batch mode: reads JSONL prompts, writes JSONL with "completion" (atomically)."""
+             chat: bool, defaults: dict[str, Any], resume: bool = False) -> dict[str, int]:
+  """Batch mode: reads JSONL prompts, writes JSONL with "completion" in input order.
+
+  Completions are kept on disk as each batch finishes (`completions.py`);
+  with `resume`, requests an interrupted run answered are not sampled again.
+  """
   requests, bad = _read_requests(input_path, tok, model.config, chat, defaults)
-  completions: dict[int, str] = {}
-  with tqdm.tqdm(total=len(requests), desc="sampling", unit="prompt") as bar:
-    for b, batch in enumerate(_batches(requests, batch_size)):
+  out = completions.CompletionFile(output_path, [r.record for r in requests], resume)
+  todo = [r for r in requests if not out.finished(r.index)]
+  with tqdm.tqdm(total=len(todo), desc="sampling", unit="prompt") as bar:
+    for b, batch in enumerate(_batches(todo, batch_size)):
       for req, text in zip(batch, generate_batch(model, tok, batch, batch_size, b)):
-        completions[req.index] = text
+        out.add(req.index, {**req.record, "completion": text})
       bar.update(len(batch))
-  tmp = output_path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for req in requests:
-      f.write(json.dumps({**req.record, "completion": completions[req.index]},
-                         ensure_ascii=False) + "\n")
-  os.replace(tmp, output_path)
-  return {"written": len(requests), "bad_lines": bad}
+  return {"written": out.close(), "bad_lines": bad, "resumed": len(requests) - len(todo)}
 
 
+@errors.report_errors("python -m llada_jax.sample")
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m llada_jax.sample",
                                    description=__doc__.split("\n\n")[0],
@@ -137,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--input", help="JSONL file of prompts (batch mode)")
   parser.add_argument("--output", help="JSONL file to write (batch mode)")
   parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--resume", action="store_true",
+                      help="batch mode: keep the completions an interrupted run wrote")
+  parser.add_argument("--verbose", action="store_true", help="tracebacks on errors")
   settings_lib.add_sampler_flags(parser)
   args = parser.parse_args(argv)
 
@@ -148,9 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       parser.error("--input needs --output")
     if not os.path.isfile(args.input):
       parser.error(f"--input: {args.input} is not a file")
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-      parser.error(f"--output: directory {out_dir} does not exist")
+    try:
+      completions.check_output(args.output, args.resume)
+    except ValueError as e:
+      parser.error(str(e))
   if args.batch_size < 1:
     parser.error(f"--batch_size: expected a positive integer, got {args.batch_size}")
   defaults = settings_lib.sampler_settings(args)
@@ -165,8 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   model = llada_jax.load(checkpoint, dtype=args.dtype)
   if args.input is not None:
     stats = run_file(model, tok, args.input, args.output, batch_size=args.batch_size,
-                     chat=args.chat, defaults=defaults)
+                     chat=args.chat, defaults=defaults, resume=args.resume)
     print(f"wrote {stats['written']} completions to {args.output}"
+          + (f" ({stats['resumed']} from the interrupted run)" if stats["resumed"] else "")
           + (f"; skipped {stats['bad_lines']} bad line(s)" if stats["bad_lines"] else ""),
           file=sys.stderr)
     return 0

@@ -324,14 +324,18 @@ def check_settings(cfg, prompt_len: int, *, steps, gen_length, block_length, tem
     raise ValueError(f"cache: {cache!r} is not one of {kv_cache.CACHES}")
   if cache_refresh is not None:
     cache_refresh = positive_int("cache_refresh", cache_refresh)
-  for name, value in (("stop_at_eos", stop_at_eos), ("return_nfe", return_nfe)):
+  for name, value in (("stop_at_eos", stop_at_eos), ("return_nfe", return_nfe),
+                      ("logits_eos_inf", logits_eos_inf),
+                      ("confidence_eos_eot_inf", confidence_eos_eot_inf)):
     if not isinstance(value, (bool, np.bool_)):
       raise ValueError(f"{name}: expected True or False, got {value!r}")
   if cfg is not None and prompt_len + gen_length > cfg.max_sequence_length:
     raise ValueError(f"gen_length: prompt length {prompt_len} + gen_length {gen_length} "
                      f"exceeds max_sequence_length={cfg.max_sequence_length}")
   for name, value in (("temperature", temperature), ("cfg_scale", cfg_scale)):
-    if not np.isfinite(value) or value < 0:
+    if (isinstance(value, (bool, str)) or np.ndim(value) != 0
+        or not np.issubdtype(np.asarray(value).dtype, np.number)
+        or not np.isfinite(value) or value < 0):
       raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
   if remasking not in REMASKING:
     raise ValueError(f"remasking: {remasking!r} is not one of {REMASKING}")

@@ -34,6 +34,7 @@ from ml_collections import config_flags
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from llada_jax import errors
 from llada_jax import sharding
 from llada_jax import tokenizer as tokenizer_lib
 from llada_jax.checkpoints import hub
@@ -45,7 +46,10 @@ from llada_jax.sampling.sampler import generate
 from llada_jax.training import data as data_lib
 from llada_jax.training import flops as flops_lib
 from llada_jax.training import objectives
+from llada_jax.training import lock
 from llada_jax.training import optimizer as optimizer_lib
+from llada_jax.training import resume
+from llada_jax.training import validate
 from llada_jax.training import workdir as workdir_lib
 
 def log(msg: str) -> None:
@@ -404,7 +408,8 @@ def _roll_back(cfg, mngr, abstract: dict[str, Any], iterator, meta: dict[str, An
     raise RuntimeError(f"{in_a_row} non-finite steps in a row after {meta['rollbacks']}"
                        f" rollbacks (config.max_rollbacks); giving up at step {step}")
   meta["lr_scale"] *= cfg.rollback_lr_scale
-  restored, _ = workdir_lib.restore(mngr, back, abstract, iterator)
+  back, restored, _ = resume.restore_intact(
+      mngr, lambda s: workdir_lib.restore(mngr, s, abstract, iterator), back)
   meta["rollbacks"] += 1
   log(f"rolled back to step {back} with the learning rate scaled by {meta['lr_scale']:g}"
       f" (was at step {step})")
@@ -426,22 +431,27 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`; returns the final metrics.
 
+  The config and the workdir are checked before anything is written, and the
+  workdir's lock is held throughout (`training/validate.py`, `training/lock.py`).
   `on_step(step)` (optional) runs on the host after each step has ended there
   (checked, logged), before a checkpoint of that step is started.
   """
-  t_start = time.time()
-  _check_config(cfg)
+  validate.check_config(cfg, jax.process_count(), jax.device_count())
   if cfg.init_from:  # a directory, or a Hub id resolved to its local snapshot
     cfg.init_from = hub.resolve_model_dir(cfg.init_from)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  validate.check_workdir(os.path.abspath(workdir))
+  with lock.held(os.path.abspath(workdir), jax.process_index() == 0):
+    return _train_and_evaluate(cfg, os.path.abspath(workdir), on_step)
+
+
+def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
+                        on_step: Callable[[int], None] | None) -> dict[str, Any]:
+  t_start = time.time()
   mesh = make_mesh(cfg)
   train_docs, eval_docs = load_documents(cfg)
   tokenizer, tokenizer_dir = resolve_tokenizer(cfg, workdir, train_docs)
   model_cfg = model_config(cfg, tokenizer)
-  if jax.process_index() == 0:
-    workdir_lib.write_model_files(workdir, model_cfg, tokenizer_dir, cfg.to_json_best_effort(
-        indent=2))
+  validate.check_resume(workdir, model_cfg.to_hf(), json.loads(cfg.to_json_best_effort()))
   pc, pi = jax.process_count(), jax.process_index()
   dataset = data_lib.train_dataset(
       train_docs, tokenizer, kind=cfg.kind, seq_len=cfg.seq_len, batch_size=cfg.batch_size // pc,
@@ -458,7 +468,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   latest = mngr.latest_step()
   step_fn, abstract, tx, graphdef = compile_train_step(cfg, model_cfg, mesh)
   if latest is not None:
-    restored, meta = workdir_lib.restore(mngr, latest, abstract, iterator)
+    latest, restored, meta = resume.restore_intact(
+        mngr, lambda s: workdir_lib.restore(mngr, s, abstract, iterator))
+    resume.trim_metrics(workdir, latest)
     state = counters(abstract, restored, latest, meta["lr_scale"])
     log(f"resumed from step {latest} of {layout.checkpoint_dir(workdir)}")
   else:
@@ -469,6 +481,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       init_params = nnx.to_pure_dict(nnx.split(loaded)[1])
       log(f"initialised from {cfg.init_from}")
     state = init_state(cfg, model_cfg, abstract, tx, init_params)
+  if jax.process_index() == 0:  # only now: a refused or failed restore leaves them as they were
+    workdir_lib.write_model_files(workdir, model_cfg, tokenizer_dir, cfg.to_json_best_effort(
+        indent=2))
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, model_cfg=model_cfg,
                                       vocab_chunk=cfg.loss_vocab_chunk))
 
@@ -570,21 +585,6 @@ def write_samples(cfg, graphdef, params, evals, tokenizer, mesh) -> None:
   del mesh
 
 
-def _check_config(cfg) -> None:
-  n = jax.process_count()
-  if cfg.kind not in ("pretrain", "sft"):
-    raise ValueError(f"config.kind={cfg.kind!r} is not 'pretrain' or 'sft'")
-  if cfg.batch_size % (n * cfg.micro_batches):
-    raise ValueError(f"config.batch_size={cfg.batch_size} does not divide into "
-                     f"{n} host(s) x {cfg.micro_batches} micro-batches")
-  if cfg.eval_batch_size % n:
-    raise ValueError(f"config.eval_batch_size={cfg.eval_batch_size} does not divide over "
-                     f"{n} hosts")
-  for name in ("total_steps", "seq_len", "log_every"):
-    if cfg[name] <= 0:
-      raise ValueError(f"config.{name}={cfg[name]} must be positive")
-
-
 def _summary_writer(workdir: str):
   if jax.process_index() != 0:
     return None
@@ -611,10 +611,12 @@ def _multihost_environment() -> bool:
 def main(argv, on_step: Callable[[int], None] | None = None) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  errors.quiet_library_logs()  # and its failures, which we report in one line
   cfg = flags.FLAGS.config
   if cfg.distributed or _multihost_environment():
     jax.distributed.initialize()
-  train_and_evaluate(cfg, flags.FLAGS.workdir, on_step)
+  with errors.report_errors("train"):
+    train_and_evaluate(cfg, flags.FLAGS.workdir, on_step)
 
 
 def define_flags() -> None:
@@ -626,4 +628,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=validate.parse_flags)

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from llada_jax.checkpoints import layout
 from llada_jax.config import ModelConfig
+from llada_jax.training import resume
 
 ITEMS = layout.WORKDIR_ITEMS
 
@@ -30,7 +31,8 @@ def manager(workdir: str, every_steps: int, keep: int) -> ocp.CheckpointManager:
   """Async CheckpointManager: saves every `every_steps`, keeps the newest `keep`."""
   options = ocp.CheckpointManagerOptions(save_interval_steps=every_steps, max_to_keep=keep,
                                          enable_async_checkpointing=True, create=True)
-  return ocp.CheckpointManager(layout.checkpoint_dir(workdir), options=options, item_names=ITEMS)
+  return resume.CheckedManager(layout.checkpoint_dir(workdir), options=options,
+                               item_names=ITEMS)
 
 
 class IteratorSnapshot:
@@ -51,7 +53,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any], iterator
       opt_state=ocp.args.StandardSave(state["opt_state"]),
       data=grain.checkpoint.CheckpointSave(IteratorSnapshot(iterator)),
       meta=ocp.args.JsonSave(meta))
-  return mngr.save(step, args=args, force=force)
+  return mngr.save(step, args=args, force=force,
+                   custom_metadata=resume.param_digests(state["params"]))
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract: dict[str, Any], iterator

@@ -1,0 +1,262 @@
+"""Training config checks, all before any file is written.
+
+`check_config` validates values (types, ranges, the learning-rate schedule
+against `total_steps`, the batch against the mesh and the micro-batches) and
+`check_workdir` a workdir against the run about to start in it (a resumed
+run must have the workdir's model and objective). Each refusal is one
+ValueError naming the key, as `config.optimizer.learning_rate=nan: ...`.
+`parse_flags` gives `--config.foo=1` the same one-line treatment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import sys
+from typing import Any
+
+import jax
+
+from llada_jax.checkpoints import layout
+
+# Keys of train_config.json a resumed run may not change: they define what the
+# checkpoint holds (the model is compared through config.json, key by key).
+FROZEN_KEYS = ("kind",)
+WORKDIR_FILES = (layout.CONFIG_FILE, layout.TRAIN_CONFIG_FILE, layout.CHECKPOINTS_DIR,
+                 "metrics.jsonl", "tensorboard", "tokenizer.model", "tokenizer.vocab",
+                 "tokenizer_corpus.txt", "broken_checkpoints") + layout.TOKENIZER_FILES
+
+
+def _get(cfg, key: str, default=None):
+  node = cfg
+  for part in key.split("."):
+    if part not in node:
+      return default
+    node = node[part]
+  return node
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _fail(key: str, value: Any, why: str):
+  raise ValueError(f"config.{key}={value!r}: {why}")
+
+
+def _int(cfg, key: str, lo: int | None = None, allowed: tuple = ()) -> int | None:
+  value = _get(cfg, key)
+  if value is None and key not in _flat_keys(cfg):
+    return None
+  if value in allowed and _is_int(value):
+    return value
+  if not _is_int(value):
+    _fail(key, value, "expected an integer")
+  if lo is not None and value < lo:
+    _fail(key, value, f"must be >= {lo}" + (f" (or {allowed[0]})" if allowed else ""))
+  return value
+
+
+def _real(cfg, key: str, lo: float | None = None, hi: float | None = None,
+          lo_open: bool = False, hi_open: bool = False) -> float | None:
+  value = _get(cfg, key)
+  if value is None and key not in _flat_keys(cfg):
+    return None
+  if not _is_real(value):
+    _fail(key, value, "expected a number")
+  if not math.isfinite(value):
+    _fail(key, value, "must be finite")
+  if lo is not None and (value < lo or (lo_open and value == lo)):
+    _fail(key, value, f"must be {'>' if lo_open else '>='} {lo:g}")
+  if hi is not None and (value > hi or (hi_open and value == hi)):
+    _fail(key, value, f"must be {'<' if hi_open else '<='} {hi:g}")
+  return value
+
+
+def _flat_keys(cfg, prefix: str = "") -> set[str]:
+  out = set()
+  for k in cfg.keys():
+    v = cfg[k]
+    out.add(prefix + k)
+    if hasattr(v, "keys") and not isinstance(v, (str, bytes)):
+      out |= _flat_keys(v, f"{prefix}{k}.")
+  return out
+
+
+def mesh_shape(cfg, device_count: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with the -1 entry resolved; ValueError naming config.mesh."""
+  sizes = [_int(cfg, f"mesh.{a}", 1, allowed=(-1,)) for a in ("data", "fsdp", "tensor")]
+  shape = f"config.mesh=(data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]})"
+  if sizes.count(-1) > 1:
+    raise ValueError(f"{shape}: at most one axis may be -1")
+  rest = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if device_count % rest:
+      raise ValueError(f"{shape}: {device_count} devices do not divide by {rest}")
+    sizes[sizes.index(-1)] = device_count // rest
+  if math.prod(sizes) != device_count:
+    raise ValueError(f"{shape} needs {math.prod(sizes)} devices, {device_count} are available")
+  return tuple(sizes)
+
+
+def check_config(cfg, process_count: int = 1, device_count: int = 1) -> None:
+  """Every value the trainer reads; ValueError naming the first bad key."""
+  kind = _get(cfg, "kind")
+  if kind not in ("pretrain", "sft"):
+    _fail("kind", kind, "is not 'pretrain' or 'sft'")
+  total = _int(cfg, "total_steps", 1)
+  for key in ("seq_len", "batch_size", "micro_batches", "log_every", "eval_batches",
+              "eval_batch_size", "eval_samples", "max_nonfinite_in_a_row",
+              "checkpoint.every_steps", "checkpoint.keep"):
+    _int(cfg, key, 1)
+  for key in ("seed", "eval_every", "max_rollbacks", "samples.num"):
+    _int(cfg, key, 0)
+  for key in ("samples.prompt_len", "samples.gen_length", "samples.steps"):
+    if _get(cfg, "samples.num"):
+      _int(cfg, key, 1)
+  _int(cfg, "debug_kill_at_step", 0, allowed=(-1,))
+  _real(cfg, "rollback_lr_scale", 0, 1, lo_open=True)
+  _real(cfg, "peak_flops", 0)
+  _real(cfg, "data.eval_fraction", 0, 1, lo_open=True, hi_open=True)
+  _check_optimizer(cfg, total)
+  _check_batch(cfg, process_count, device_count)
+  init_from = _get(cfg, "init_from")
+  if init_from and not os.path.isdir(init_from):
+    _fail("init_from", init_from, "is not a directory")
+
+
+def _check_optimizer(cfg, total_steps: int) -> None:
+  _real(cfg, "optimizer.learning_rate", 0, lo_open=True)
+  for key in ("final_learning_rate", "drop_learning_rate", "weight_decay", "clip_norm"):
+    _real(cfg, f"optimizer.{key}", 0)
+  _real(cfg, "optimizer.b1", 0, 1, hi_open=True)
+  _real(cfg, "optimizer.b2", 0, 1, hi_open=True)
+  _real(cfg, "optimizer.eps", 0, lo_open=True)
+  warmup = _int(cfg, "optimizer.warmup_steps", 0)
+  decay = _int(cfg, "optimizer.decay_steps", 0)
+  drop = _int(cfg, "optimizer.drop_step", 0, allowed=(-1,))
+  if warmup is not None and decay is not None and warmup + decay > total_steps:
+    raise ValueError(f"config.optimizer.warmup_steps={warmup} + config.optimizer.decay_steps="
+                     f"{decay} exceed config.total_steps={total_steps}; shorten the schedule "
+                     f"or train longer")
+  if drop is not None and drop >= total_steps:
+    _fail("optimizer.drop_step", drop, f"is not before config.total_steps={total_steps} "
+          f"(-1 = no drop)")
+
+
+def _check_batch(cfg, process_count: int, device_count: int) -> None:
+  data, fsdp, _ = mesh_shape(cfg, device_count)
+  rows = data * fsdp  # the batch is split over the data and fsdp axes
+  batch, micro = _get(cfg, "batch_size"), _get(cfg, "micro_batches")
+  if batch % (process_count * micro):
+    _fail("batch_size", batch, f"does not divide into {process_count} host(s) x {micro} "
+          f"micro-batches (config.micro_batches)")
+  if (batch // micro) % rows:
+    _fail("batch_size", batch, f"{batch // micro} rows per micro-batch do not divide over the "
+          f"mesh's batch axes (data={data} x fsdp={fsdp} = {rows}); use a multiple of "
+          f"{rows * micro}")
+  eval_batch = _get(cfg, "eval_batch_size")
+  if eval_batch % process_count or eval_batch % rows:
+    _fail("eval_batch_size", eval_batch, f"does not divide over {process_count} host(s) and "
+          f"the mesh's batch axes (data x fsdp = {rows})")
+
+
+# ---- the workdir ---------------------------------------------------------------------
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _differing(old: dict, new: dict) -> list[str]:
+  keys = sorted(set(old) | set(new))
+  return [f"{k} ({old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r})"
+          for k in keys if old.get(k) != new.get(k)]
+
+
+def check_workdir(workdir: str) -> None:
+  """Refuses a non-empty directory that is no training workdir (a model snapshot,
+  a home directory), naming what is in it: the trainer would write over it.
+
+  A workdir has train_config.json or checkpoints/; a run that died before
+  writing them leaves only files the trainer writes (WORKDIR_FILES).
+  """
+  if not os.path.isdir(workdir):
+    return
+  names = sorted(n for n in os.listdir(workdir) if not n.startswith("."))
+  if layout.TRAIN_CONFIG_FILE in names or layout.CHECKPOINTS_DIR in names:
+    return
+  foreign = [n for n in names if n not in WORKDIR_FILES or n == layout.CONFIG_FILE]
+  if foreign:
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    raise ValueError(f"--workdir {workdir}: holds {shown}, which is not a training workdir; "
+                     f"choose a new or empty directory")
+
+
+def check_resume(workdir: str, model_hf: dict[str, Any], train_config: dict[str, Any]) -> bool:
+  """Whether `workdir` holds checkpoints to resume; refuses a run that differs.
+
+  The run must have the workdir's model (its config.json, key by key) and
+  FROZEN_KEYS of its train_config.json; the refusal names every differing
+  key. Other changed settings (total_steps, learning rate...) are listed in
+  a note. Nothing is written.
+  """
+  if not layout.step_dirs(os.path.join(workdir, layout.CHECKPOINTS_DIR)):
+    return False
+  old_model = _read_json(os.path.join(workdir, layout.CONFIG_FILE))
+  diff = _differing(_flatten(old_model), _flatten(model_hf))
+  if old_model and diff:
+    raise ValueError(f"--workdir {workdir}: its model (config.json) differs from this run's "
+                     f"in {'; '.join(diff)[:400]}; resume with the workdir's config or "
+                     f"start a new workdir")
+  old_train = _flatten(_read_json(os.path.join(workdir, layout.TRAIN_CONFIG_FILE)))
+  new_train = _flatten(train_config)
+  diff = _differing({k: old_train.get(k) for k in FROZEN_KEYS if k in old_train},
+                    {k: new_train.get(k) for k in FROZEN_KEYS if k in old_train})
+  if diff:
+    raise ValueError(f"--workdir {workdir}: this run changes {'; '.join(diff)}, which its "
+                     f"checkpoints depend on; start a new workdir")
+  changed = [d for d in _differing(old_train, new_train) if not d.startswith("debug_")]
+  if old_train and changed and jax.process_index() == 0:
+    print(f"note: resuming {workdir} with changed settings: {'; '.join(changed)[:400]}",
+          flush=True)
+  return True
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      out = json.load(f)
+  except FileNotFoundError:
+    return {}
+  except ValueError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
+  return out if isinstance(out, dict) else {}
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad `--config.key` in one line (exit status 2)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from llada_jax import errors  # pylint: disable=g-import-not-at-top
+  try:
+    return app.parse_flags_with_usage(argv)
+  except Exception as e:  # pylint: disable=broad-except  (config_flags' KeyError/AttributeError)
+    if errors.debug_enabled(argv):
+      raise
+    key = str(e).strip("'\" ")
+    names = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    flag = next((n for n in names if key and n.split(".")[-1] == key), "--config")
+    why = ("no such key in the config" if isinstance(e, (KeyError, AttributeError))
+           else errors.one_line(e))
+    print(f"train: error: {flag}: {why}", file=sys.stderr)
+    raise SystemExit(2) from None
