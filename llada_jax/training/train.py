@@ -436,9 +436,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   `on_step(step)` (optional) runs on the host after each step has ended there
   (checked, logged), before a checkpoint of that step is started.
   """
-  validate.check_config(cfg, jax.process_count(), jax.device_count())
-  if cfg.init_from:  # a directory, or a Hub id resolved to its local snapshot
+  if cfg.get("init_from"):  # a directory, or a Hub id resolved to its local snapshot
     cfg.init_from = hub.resolve_model_dir(cfg.init_from)
+  validate.check_config(cfg, jax.process_count(), jax.device_count())
   validate.check_workdir(os.path.abspath(workdir))
   with lock.held(os.path.abspath(workdir), jax.process_index() == 0):
     return _train_and_evaluate(cfg, os.path.abspath(workdir), on_step)

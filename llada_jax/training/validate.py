@@ -120,7 +120,7 @@ def check_config(cfg, process_count: int = 1, device_count: int = 1) -> None:
   for key in ("samples.prompt_len", "samples.gen_length", "samples.steps"):
     if _get(cfg, "samples.num"):
       _int(cfg, key, 1)
-  _int(cfg, "debug_kill_at_step", 0, allowed=(-1,))
+  _int(cfg, "loss_vocab_chunk", 0)
   _real(cfg, "rollback_lr_scale", 0, 1, lo_open=True)
   _real(cfg, "peak_flops", 0)
   _real(cfg, "data.eval_fraction", 0, 1, lo_open=True, hi_open=True)
