@@ -14,8 +14,8 @@ import numbers
 import os
 from typing import Any, Mapping
 
-# LLaDA's own 126,464-token vocabulary: ids that the released config.json lacks
-# (SPEC §2). Used only when the vocabulary is that one.
+# LLaDA's own 126,464-token vocabulary: its default ids (SPEC §2; the released config.json
+# lacks BOS and EoT). Used only when the vocabulary is that one.
 LLADA_VOCAB_SIZE = 126464
 LLADA_DEFAULT_IDS = {
     "bos_token_id": 126080,

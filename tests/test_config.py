@@ -14,7 +14,7 @@ REFERENCE_8B = pathlib.Path(__file__).parent / "fixtures" / "llada_8b_instruct" 
 
 
 def _released_8b_config():
-  # The released LLaDA-8B-Instruct config.json (kept verbatim from SPEC §1).
+  # The released LLaDA-8B-Instruct values SPEC §1 lists (the verbatim file is REFERENCE_8B).
   cfg = ModelConfig.from_dict(llada_8b.model_config()).to_hf(torch_dtype="bfloat16")
   return cfg
 

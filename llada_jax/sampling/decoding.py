@@ -4,7 +4,7 @@ Every rule reduces to a per-row count k_B of candidates to accept; `topk_mask`
 then reveals the k_B most confident candidates of each row (one sort per row),
 so rows with different counts share one program.
 
-- fixed (SPEC §3): a block holding n masks revealed over `steps` steps takes
+- fixed (SPEC §3): a block holding n masks revealed over the block's `steps` steps takes
   n // steps per step, one more in the first n % steps steps (`step_counts`).
 - threshold τ (Fast-dLLM): the most confident candidate plus every candidate
   with confidence ≥ τ (`threshold_counts`).
