@@ -1,12 +1,13 @@
 """Training throughput on this machine: the jitted step alone and the whole loop.
 
-  python -m benchmarks.train [--repeats 5] [--output out/train.json]
+  python -m benchmarks.train [--configs tiny,100M] [--loss_vocab_chunk N]
+      [--output out/train.json]
 
 For the tiny config and a ~100M config, on random tokens:
-  step  the real jitted step (`train.compile_train_step`), `--steps` steps
+  step  the real jitted step (`train.compile_train_step`), a few steps
         dispatched back to back then blocked on, after one warm-up step;
-        seconds per step over `--repeats` repeats (min/median/max) and MFU
-        against the measured float32 matmul FLOP/s of the device.
+        seconds per step over repeats (min/median/max) and MFU against the
+        measured float32 matmul FLOP/s of the device.
   loop  `train.train_and_evaluate` on pre-tokenized random documents: steps/s of
         each logging window (from the tokens/s the loop logs), the first window
         (compilation) dropped; min/median/max over windows. This includes the
@@ -37,8 +38,9 @@ from llada_jax.config import ModelConfig
 # ~100M parameters: 12 layers of d_model 768 (85M) + a 32k vocabulary in and out (49M).
 MODEL_100M = dict(d_model=768, n_heads=12, n_kv_heads=12, n_layers=12, mlp_hidden_size=2048,
                   vocab_size=32768, embedding_size=32768, max_sequence_length=1024)
-# name -> (model overrides, batch, seq_len, steps per timing, loop windows, steps per window)
-SETUPS = {"tiny": ({}, 16, 128, 10, 5, 10), "100M": (MODEL_100M, 8, 256, 2, 3, 2)}
+# name -> (model overrides, batch, seq_len, steps per timing, repeats, loop windows,
+#          steps per window); a 100M step takes about a minute on 2 shared cores.
+SETUPS = {"tiny": ({}, 16, 128, 10, 5, 5, 10), "100M": (MODEL_100M, 8, 256, 1, 3, 3, 1)}
 
 
 def _config(model: dict, batch_size: int, seq_len: int, loss_vocab_chunk: int = 0):
@@ -107,7 +109,6 @@ def bench_loop(cfg, windows: int, window_steps: int, workdir: str) -> dict:
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__)
-  ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--configs", default="tiny,100M")
   ap.add_argument("--loss_vocab_chunk", type=int, default=0, help="0: the config's default")
   ap.add_argument("--output", default="")
@@ -116,12 +117,12 @@ def main() -> None:
   peak = common.matmul_flops_per_s()
   runs = []
   for name in args.configs.split(","):
-    model, batch, seq_len, steps, windows, window_steps = SETUPS[name]
+    model, batch, seq_len, steps, repeats, windows, window_steps = SETUPS[name]
     config = lambda: _config(model, batch, seq_len, args.loss_vocab_chunk)  # noqa: E731
     run = {"config": name, "batch_size": batch, "seq_len": seq_len,
            "params": ModelConfig.from_dict(config().model).num_params(),
            "loss_vocab_chunk": config().get("loss_vocab_chunk", 0)}
-    run["step"] = bench_step(config(), steps, args.repeats, peak)
+    run["step"] = bench_step(config(), steps, repeats, peak)
     with tempfile.TemporaryDirectory() as tmp:
       run["loop"] = bench_loop(config(), windows, window_steps, tmp)
     runs.append(run)

@@ -146,7 +146,8 @@ def test_chunked_model_loss_and_grads_equal_full_logits(tiny_model, variant):
   ids_BL = jax.random.randint(jax.random.key(0), (2, 24), 0, 900)
   noise = objectives.pretrain_noise(jax.random.key(1), ids_BL, model.config.mask_token_id,
                                     crop_prob=1.0)  # a crop: the attention mask is used too
-  loss = lambda p, chunk: train.model_loss(nnx.merge(graphdef, p), ids_BL, noise, chunk)[0]
+  loss = lambda p, chunk: train.model_loss(nnx.merge(graphdef, p), ids_BL, noise, chunk,
+                                           noise.attention_mask_BL)[0]
   (full, g_full), (chunked, g_chunked) = (
       jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, c) for c in (0, 300))
   np.testing.assert_allclose(float(chunked), float(full), rtol=1e-5)

@@ -4,9 +4,11 @@
 
 The same program runs on a laptop and on every host of a TPU slice. Data flows
 one way: data (host slices) -> global batch -> `train_step` (noise, loss,
-gradient, AdamW) -> checkpoint. The workdir is itself a model directory:
-`config.json` + tokenizer files at the top and `checkpoints/` (Orbax steps with
-items `params`, `opt_state`, `data`, `meta`).
+gradient, AdamW) -> checkpoint. The host stays a step ahead of the devices:
+it makes the next batch and dispatches the next step before it reads the last
+one's metrics (one scalar, all of them at log steps: metrics.jsonl rows). The
+workdir is itself a model directory: `config.json` + tokenizer files at the top
+and `checkpoints/` (Orbax steps with items `params`, `opt_state`, `data`, `meta`).
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def make_noise(rng: jax.Array, batch: dict[str, jax.Array], kind: str, mask_id: 
 
 
 def model_loss(model: nnx.Module, ids_BL: jax.Array, noise: objectives.Noise,
-               vocab_chunk: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+               vocab_chunk: int = 0, attention_mask_BL: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The masked-diffusion loss (nats) of `model` on `noise.noisy_BL`, plus the
   weighted router losses of MoE models -> (loss, {aux loss name: unweighted value}).
 
@@ -77,7 +80,7 @@ def model_loss(model: nnx.Module, ids_BL: jax.Array, noise: objectives.Noise,
   """
   cfg = model.config
   chunked = 0 < vocab_chunk < cfg.embedding_size
-  out, aux = model.forward_with_aux(noise.noisy_BL, noise.attention_mask_BL, head=not chunked)
+  out, aux = model.forward_with_aux(noise.noisy_BL, attention_mask_BL, head=not chunked)
   if not chunked:
     loss = objectives.masked_loss(out, ids_BL, noise)
   else:
@@ -107,7 +110,8 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: 
 
   def loss_fn(params, mb):
     ids_BL, nz = mb
-    loss, aux = model_loss(nnx.merge(graphdef, params), ids_BL, nz, vocab_chunk)
+    loss, aux = model_loss(nnx.merge(graphdef, params), ids_BL, nz, vocab_chunk,
+                           nz.attention_mask_BL)
     return loss, {"masked_tokens": jnp.sum(nz.masked_BL),
                   **{k: v / micro_batches for k, v in aux.items()}}  # summed over micro-batches
 
@@ -337,14 +341,18 @@ class _StepEnd:
     self.flops_per_step, self.peak = flops_per_step, peak  # per device
     self.in_a_row = 0
     self.last = {"loss": float("nan")}
-    self.restart(progress.n)
+    self.restart()
 
-  def restart(self, step: int) -> None:
-    """A new throughput window (after a pause: evaluation, rollback) at `step`."""
+  def restart(self) -> None:
+    """A new throughput window (after a pause: evaluation, rollback)."""
     self.window_t, self.window_steps = time.time(), 0
-    if step != self.progress.n:
-      self.progress.reset(total=self.cfg.total_steps)
-      self.progress.update(step)
+
+  def rewind(self, step: int) -> None:
+    """After a rollback to `step`: no non-finite steps in a row, a new window."""
+    self.in_a_row = 0
+    self.progress.reset(total=self.cfg.total_steps)
+    self.progress.update(step)
+    self.restart()
 
   def __call__(self, step: int, metrics: dict[str, jax.Array], read_all: bool = False) -> bool:
     """Ends `step`; True if it is the last of too many non-finite steps in a row."""
@@ -525,7 +533,7 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
         break
     if diverged is not None:
       state, step = _roll_back(cfg, mngr, abstract, iterator, meta, diverged, step_end.in_a_row)
-      step_end.restart(step)
+      step_end.rewind(step)
       pending, batch = None, global_batch(next(iterator), mesh)
       continue
     if not sync:
@@ -537,7 +545,7 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       log(f"step {step}: held-out ELBO {bits:.4f} bits/token "
           f"(unigram entropy {unigram_bits:.4f})")
       _scalars(writer, step, {"eval_elbo_bits_per_token": bits})
-      step_end.restart(step)
+      step_end.restart()
     if preempted:
       workdir_lib.save(mngr, step, state, iterator, meta, force=True)
       mngr.wait_until_finished()
