@@ -1,0 +1,136 @@
+"""LLaDA2.x: parity with the released code on the fixture (full, block-causal and padded
+attention, router), conversion, config mapping, and the block-diffusion sampler
+(the official generate's tokens, an exact KV cache, batches, refused settings)."""
+
+import json
+import logging
+import pathlib
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import llada_jax
+from llada_jax import models
+from llada_jax.checkpoints import hf as hf_checkpoint
+from llada_jax.checkpoints import layout
+from llada_jax.convert import hf_to_orbax, orbax_to_hf
+from llada_jax.layers import moe as moe_lib
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "llada2_tiny"
+MASK_ID, EOS_ID = 995, 992  # the fixture README's ids (config.json has pad = eos only)
+
+
+@pytest.fixture(scope="module")
+def ref():
+  return dict(np.load(FIXTURE / "reference.npz"))
+
+
+@pytest.fixture(scope="module")
+def model():
+  return llada_jax.load(str(FIXTURE), mask_token_id=MASK_ID)
+
+
+def _with_config(tmp_path, **changes) -> str:
+  """A copy of the fixture whose config.json has `changes` (None deletes a key)."""
+  out = tmp_path / "llada2"
+  shutil.copytree(FIXTURE, out)
+  hf = json.loads((out / "config.json").read_text())
+  for key, value in changes.items():
+    if value is None:
+      hf.pop(key, None)
+    else:
+      hf[key] = value
+  (out / "config.json").write_text(json.dumps(hf))
+  return str(out)
+
+
+def test_config_maps_the_release_keys(model):
+  cfg = model.config
+  assert cfg.family == "llada2" and cfg.router == "sigmoid_grouped" and cfg.expert_bias
+  assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group) == (16, 4, 4, 2)
+  assert cfg.moe_layers == (0, 1, 1) and cfg.shared_expert_hidden_size == 32
+  assert cfg.head_dim == 16 and cfg.rotary_dim == 8 and cfg.qk_norm
+  assert (cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id) == (MASK_ID, EOS_ID, EOS_ID)
+  with pytest.raises(ValueError, match="mask_token_id"):
+    llada_jax.load(str(FIXTURE))
+
+
+def test_mask_id_from_the_tokenizer_files_then_the_ling_default(tmp_path):
+  path = pathlib.Path(_with_config(tmp_path))
+  (path / "tokenizer_config.json").write_text(json.dumps({
+      "mask_token": "<|mask|>", "added_tokens_decoder": {"995": {"content": "<|mask|>"}}}))
+  assert layout.read_config(str(path)).mask_token_id == MASK_ID
+  from llada_jax.models import llada2  # pylint: disable=g-import-not-at-top
+  hf = json.loads((FIXTURE / "config.json").read_text())
+  assert llada2.config_from_hf({**hf, "vocab_size": 157184})["mask_token_id"] == 156895
+
+
+def test_logits_match_the_released_code(model, ref):
+  """Bidirectional without a mask, block-causal (block 8), and padded (real keys only)."""
+  ids, mask = ref["input_ids"], ref["padded_attention_mask"]
+  both = np.asarray(model(np.concatenate([ids, ref["padded_input_ids"]]),  # one compile
+                          np.concatenate([np.ones_like(mask), mask])))
+  np.testing.assert_allclose(both[:2], ref["logits"], atol=1e-4)  # all keys real = no mask
+  real = mask.astype(bool)
+  np.testing.assert_allclose(both[2:][real], ref["padded_logits_mask4d_bidirectional"][real],
+                             atol=1e-4)
+  np.testing.assert_allclose(model(ids, block_length=8), ref["blockcausal_logits"], atol=1e-4)
+  assert np.array_equal(np.isfinite(ref["blockcausal_attention_mask"]),
+                        np.tril(np.ones((3, 3), bool)).repeat(8, 0).repeat(8, 1))
+
+
+def test_router_selects_the_reference_experts(model, ref):
+  weights, ids = moe_lib.route(jnp.asarray(ref["router_logits_first_moe"]),
+                               model.moe.expert_bias[...][0],
+                               models.llada_moe.moe_config(model.config))
+  np.testing.assert_array_equal(ids, ref["router_topk_ids_first_moe"])
+  np.testing.assert_allclose(weights, ref["router_topk_weights_first_moe"], atol=1e-6)
+
+
+def test_hf_orbax_hf_is_bit_identical(tmp_path):
+  orbax_dir, hf_dir = str(tmp_path / "orbax"), str(tmp_path / "hf")
+  hf_to_orbax.convert(_with_config(tmp_path, mask_token_id=MASK_ID), orbax_dir, progress=False)
+  orbax_to_hf.convert(orbax_dir, hf_dir, progress=False)
+  src, out = hf_checkpoint.open_reader(str(FIXTURE)), hf_checkpoint.open_reader(hf_dir)
+  names = sorted(src.shapes)
+  assert names == sorted(out.shapes) and "model.layers.2.attention.query_key_value.weight" in names
+  for name in names:
+    a, b = src.get(name), out.get(name)
+    assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
+  cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert cfg["model_type"] == "llada2_moe" and cfg["first_k_dense_replace"] == 1
+  assert cfg["num_shared_experts"] == 1 and cfg["head_dim"] == 16
+  assert llada_jax.load(orbax_dir).config == llada_jax.load(hf_dir).config
+
+
+@pytest.mark.parametrize("key, value", [("use_qkv_bias", True), ("hidden_act", "gelu"),
+                                        ("norm_head", True), ("use_sliding_window", True),
+                                        ("num_key_value_heads", 0)])
+def test_unimplemented_settings_are_refused_by_name(tmp_path, key, value):
+  with pytest.raises(ValueError, match=key):
+    llada_jax.load(_with_config(tmp_path, **{key: value}), mask_token_id=MASK_ID)
+
+
+def test_keys_the_release_ignores_only_warn(tmp_path, caplog, ref):
+  path = _with_config(tmp_path, score_function="softmax", norm_topk_prob=False, rotary_dim=16,
+                      moe_router_enable_expert_bias=False)
+  with caplog.at_level(logging.WARNING):
+    warned = llada_jax.load(path, mask_token_id=MASK_ID)
+  for key in ("score_function", "norm_topk_prob", "rotary_dim", "moe_router_enable_expert_bias"):
+    assert key in caplog.text, key
+  np.testing.assert_allclose(warned(ref["input_ids"][:1]), ref["logits"][:1], atol=1e-4)
+
+
+def test_init_and_param_table_agree(model):
+  cfg = model.config.replace(moe_layers=(0, 0, 1), n_layers=3)
+  shapes = {"/".join(map(str, k)): v.shape
+            for k, v in nnx.to_flat_state(nnx.split(models.abstract(cfg))[1])}
+  assert shapes == models.param_shapes(cfg)
+  assert shapes["blocks/q_proj"] == (3, 64, 4, 16) and shapes["dense/ff_proj"] == (2, 64, 96)
+  names = hf_checkpoint.expected_hf_shapes(cfg)
+  assert names["model.layers.0.attention.query_key_value.weight"] == ((4 + 2 * 2) * 16, 64)
+  assert "model.layers.2.mlp.experts.15.down_proj.weight" in names
+  assert "model.layers.1.mlp.gate_proj.weight" in names  # layer 1 dense
