@@ -134,3 +134,96 @@ def test_init_and_param_table_agree(model):
   assert names["model.layers.0.attention.query_key_value.weight"] == ((4 + 2 * 2) * 16, 64)
   assert "model.layers.2.mlp.experts.15.down_proj.weight" in names
   assert "model.layers.1.mlp.gate_proj.weight" in names  # layer 1 dense
+
+
+# ------------------------------------------------------------------ block-diffusion generate
+# The sampler is checked with the dense expert dispatch (it compiles faster; the logits
+# parity above covers the default dispatch, and the tokens are the same with either).
+
+
+@pytest.fixture(scope="module")
+def sampler_model():
+  return llada_jax.load(str(FIXTURE), mask_token_id=MASK_ID, moe_impl="dense")
+
+
+def _left_padded(*prompts):
+  """(ids [B, P] left-padded with EOS, attention_mask [B, P])."""
+  width = max(len(p) for p in prompts)
+  ids = np.stack([np.concatenate([np.full(width - len(p), EOS_ID), p]) for p in prompts])
+  mask = (np.arange(width)[None] >= width - np.array([len(p) for p in prompts])[:, None])
+  return ids, mask.astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def batch(ref):
+  """Prompts A (5) and B (10) of the recorded cases and a random C (50), left-padded:
+  the rows start and end in different blocks, and blocks 4, 5 are all prompt (C) or
+  past the end (A, B), so no row decodes them."""
+  return _left_padded(ref["gen_prompt_ids"][0], ref["gen_prompt_b_ids"][0],
+                      np.random.default_rng(0).integers(0, 990, 50))
+
+
+def test_generate_reproduces_the_official_tokens(sampler_model, ref, batch):
+  """Every recorded case of the official generate (LLaDA2.0 and 2.1 rules, one compiled
+  program); each row as the official code gives for that prompt alone."""
+  ids, mask = batch
+  base = dict(gen_length=16, block_length=8, steps=8, threshold=0.95)
+  cases = [("gen0", {}), ("gen1", {"steps": 4}), ("gen2", {"threshold": 0.0}),
+           ("gen3", {"editing_threshold": 0.9, "max_post_steps": 16, "num_to_transfer": 1}),
+           ("gen4", {"editing_threshold": 0.0, "max_post_steps": 4, "num_to_transfer": 2})]
+  for name, changes in cases:
+    out, nfe = llada_jax.generate(sampler_model, ids, mask, return_nfe=True,
+                                  **{**base, **changes})
+    out = np.asarray(out)
+    np.testing.assert_array_equal(out[:, :50], ids)
+    np.testing.assert_array_equal(out[0, 50:], ref[name + "_output_ids"][0], err_msg=name)
+    if name == "gen0":  # the settings of case 5 (prompt B)
+      np.testing.assert_array_equal(out[1, 50:], ref["gen5_output_ids"][0])
+      # 1 prefill + blocks 0..3 (A, B): 3 + 8 + 8 + 8, blocks 6..8 (C): 6 + 8 + 8
+      assert nfe == 50, nfe
+
+
+def test_block_cache_equals_recomputing_the_canvas(sampler_model, batch):
+  """Token for token, sampling with LLaDA2.1 editing: the cached sampler and the one
+  that runs the whole canvas every iteration under the same block-causal mask."""
+  kw = dict(gen_length=16, block_length=8, editing_threshold=0.2, max_post_steps=3,
+            temperature=0.8, rng=7, return_nfe=True)
+  cached, nfe = llada_jax.generate(sampler_model, *batch, **kw)
+  full, nfe_full = llada_jax.generate(sampler_model, *batch, kv_cache=False, **kw)
+  np.testing.assert_array_equal(cached, full)
+  assert nfe == nfe_full + 1  # + the prefill of the prompt blocks
+
+
+def test_stop_at_eos_skips_blocks_and_keeps_the_tokens(ref):
+  """EOS := a token case 0 generates in block 1: output cut there (EOS after), and
+  stop_at_eos skips block 2 (8 model calls) without changing any token."""
+  eos = int(ref["gen0_output_ids"][0, 4])
+  model = llada_jax.load(str(FIXTURE), mask_token_id=MASK_ID, eos_token_id=eos,
+                         moe_impl="dense")
+  kw = dict(gen_length=16, block_length=8, steps=8, return_nfe=True)
+  full, nfe = llada_jax.generate(model, ref["gen_prompt_ids"], **kw)
+  stopped, nfe_stopped = llada_jax.generate(model, ref["gen_prompt_ids"], stop_at_eos=True, **kw)
+  want = np.where(np.arange(16) > 4, eos, ref["gen0_output_ids"][0])
+  np.testing.assert_array_equal(np.asarray(full)[0, 5:], want)
+  np.testing.assert_array_equal(stopped, full)
+  assert (nfe, nfe_stopped) == (19, 11)  # the official call count; 3 + 8 with the stop
+
+
+@pytest.mark.parametrize("changes, name", [
+    ({"gen_length": 12}, "block_length"), ({"gen_length": 512}, "prompt_ids"),
+    ({"cache": "dual"}, "cache"), ({"cache": "prefix"}, "cache"), ({"factor": 1.0}, "factor"),
+    ({"cfg_scale": 1.0}, "cfg_scale"), ({"remasking": "random"}, "remasking"),
+    ({"num_to_transfer": 2}, "num_to_transfer"), ({"threshold": -1.0}, "threshold"),
+    ({"attention_mask": [[1, 0, 1, 1, 1]]}, "attention_mask"),
+    ({"prompt_ids": [[5, MASK_ID, 7]]}, "prompt_ids")])
+def test_bad_settings_are_refused_before_compiling(model, ref, changes, name):
+  args = {"prompt_ids": ref["gen_prompt_ids"], "gen_length": 16, "block_length": 8, **changes}
+  with pytest.raises(ValueError, match=name):
+    llada_jax.generate(model, **args)
+
+
+def test_dense_models_refuse_block_settings():
+  dense = models.abstract(llada_jax.ModelConfig(d_model=64, n_heads=4, n_kv_heads=4,
+                                                n_layers=1, mlp_hidden_size=64))
+  with pytest.raises(ValueError, match="editing_threshold"):
+    llada_jax.generate(dense, [[1, 2, 3]], editing_threshold=0.5)
