@@ -227,3 +227,55 @@ def test_dense_models_refuse_block_settings():
                                                 n_layers=1, mlp_hidden_size=64))
   with pytest.raises(ValueError, match="editing_threshold"):
     llada_jax.generate(dense, [[1, 2, 3]], editing_threshold=0.5)
+
+
+def _ling_like_tokenizer(directory) -> str:
+  """A small byte-level BPE tokenizer.json with LLaDA2's special tokens."""
+  from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  tok = Tokenizer(tok_models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(["What is two plus two? Four. Be brief, you are helpful."] * 4,
+                          trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.add_special_tokens(["<|endoftext|>", "<|mask|>", "<role>", "</role>", "<|role_end|>"])
+  path = str(directory / "tokenizer.json")
+  tok.save(path)
+  return path
+
+
+def test_llada2_chat_template(tmp_path):
+  from llada_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_lib.load_tokenizer(_ling_like_tokenizer(tmp_path))
+  assert tok.chat_format == "llada2" and tok.bos_id is None
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two plus two?"},
+              {"role": "assistant", "content": "Four."}, {"role": "user", "content": "What is it?"}]
+  text = ("<role>SYSTEM</role>Be brief.\ndetailed thinking off<|role_end|>"
+          "<role>HUMAN</role>Two plus two?<|role_end|><role>ASSISTANT</role>Four.<|role_end|>"
+          "<role>HUMAN</role>What is it?<|role_end|><role>ASSISTANT</role>")
+  ids = tok.apply_chat_template(messages)
+  assert ids == tok.encode(text) and tok.decode(ids, skip_special=False) == text
+  assert ids.count(tok.encode("<|role_end|>")[0]) == 4
+  assert tok.decode(ids) == ("SYSTEMBe brief.\ndetailed thinking offHUMANTwo plus two?"
+                             "ASSISTANTFour.HUMANWhat is it?ASSISTANT")  # markup tokens dropped
+  assert tok.apply_chat_template(messages[1:2], add_generation_prompt=False, family="llada2") == (
+      tok.encode("<role>SYSTEM</role>detailed thinking off<|role_end|>"
+                 "<role>HUMAN</role>Two plus two?<|role_end|>"))
+  with pytest.raises(ValueError, match="role 'tool'"):
+    tok.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+def test_splash_kernel_takes_the_block_causal_mask():
+  """The TPU kernel's block-causal mask (run by its interpreter) = the XLA path's."""
+  pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+  from llada_jax.layers import attention, masks  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 128, n, 32)), jnp.float32) for n in (2, 1, 1))
+  keys = np.ones((2, 128), np.int32)
+  keys[1, :9] = 0  # left padding
+  got = np.asarray(attention.splash_attention(q, k, v, keys, interpret=True, block_length=32))
+  mask = masks.BlockCausal(32, jnp.asarray(keys))
+  want = np.asarray(attention.xla_attention(q, k, v, mask.keep_BLS(128, 128)))
+  np.testing.assert_allclose(got[keys == 1], want[keys == 1], atol=1e-5)
+  assert np.array_equal(np.asarray(mask.keep_BLS(128, 128)[0]),
+                        masks.block_causal_numpy(128, 32))
