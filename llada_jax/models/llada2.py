@@ -35,7 +35,6 @@ from llada_jax.config import ModelConfig
 from llada_jax.layers.masks import BlockCausal
 from llada_jax.layers.params import ParamSpec
 from llada_jax.models import llada, llada_moe
-from llada_jax.models.llada_moe import LING_MASK_TOKEN_ID, LING_VOCAB_SIZE
 
 _L = "model.layers.{i}."
 _QKV = ("NH", "KH", "KH")  # rows of query_key_value: q, k, v
@@ -262,16 +261,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> dict[str, Any]:
   if "pad_token_id" not in values and "eos_token_id" in values:
     values["pad_token_id"] = values["eos_token_id"]
   values.update(overrides)
-  if "mask_token_id" not in values:
-    if hf["vocab_size"] != LING_VOCAB_SIZE:
-      raise ValueError("config.json: mask_token_id is missing (not in config.json or the "
-                       "tokenizer files) and the vocabulary is not the Ling tokenizer's, so "
-                       "it has no default; pass load(..., mask_token_id=...)")
-    values["mask_token_id"] = LING_MASK_TOKEN_ID
-  for key in ("eos_token_id", "pad_token_id"):
-    if key not in values:
-      raise ValueError(f"config.json: {key} is missing")
-  return values
+  return llada_moe.ling_special_ids(values, hf["vocab_size"])
 
 
 def config_to_hf(cfg: ModelConfig, torch_dtype: str | None = None) -> dict[str, Any]:

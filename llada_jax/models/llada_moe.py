@@ -255,8 +255,14 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> dict[str, Any]:
   if "pad_token_id" not in values and "eos_token_id" in values:
     values["pad_token_id"] = values["eos_token_id"]
   values.update(overrides)
+  return ling_special_ids(values, hf["vocab_size"])
+
+
+def ling_special_ids(values: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+  """`values` with the mask id defaulted to the Ling tokenizer's (only for its
+  vocabulary; the released config.json files have none); EOS and pad required."""
   if "mask_token_id" not in values:
-    if hf["vocab_size"] != LING_VOCAB_SIZE:
+    if vocab_size != LING_VOCAB_SIZE:
       raise ValueError("config.json: mask_token_id is missing (not in config.json or the "
                        "tokenizer files) and the vocabulary is not the Ling tokenizer's, so "
                        "it has no default; pass load(..., mask_token_id=...)")
