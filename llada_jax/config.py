@@ -34,6 +34,9 @@ SPECIAL_TOKENS = {
     "end_header_token_id": "<|end_header_id|>",
 }
 
+FAMILIES = ("llada", "llada_moe", "llada2")  # llada_jax/models/<family>.py
+MOE_FAMILIES = ("llada_moe", "llada2")
+
 # HF keys whose value must be exactly this for the model here to be the same
 # model; anything else is a feature we do not implement.
 _HF_REQUIRED = {
@@ -106,7 +109,8 @@ class ModelConfig:
   remat_policy: str = "none"  # see model.REMAT_POLICIES
   scan_layers: bool = True
   # Model family (llada_jax/models/<family>.py) and the settings only some families use.
-  family: str = "llada"  # "llada" (dense LLaDA-8B) | "llada_moe" (LLaDA-MoE)
+  family: str = "llada"  # "llada" (dense LLaDA-8B) | "llada_moe" (LLaDA-MoE) | "llada2" (LLaDA2.x)
+  explicit_head_dim: int | None = None  # head size when not d_model // n_heads (config.json head_dim)
   qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE
   partial_rotary_factor: float = 1.0  # RoPE rotates the first int(head_dim * f) dims
   num_experts: int = 0
@@ -118,25 +122,27 @@ class ModelConfig:
   router_aux_loss_coef: float = 0.0  # load-balancing loss weight (training)
   router_z_loss_coef: float = 0.0  # router z-loss weight (training)
   moe_impl: str = "auto"  # expert dispatch: see layers/moe.py IMPLS
+  router: str = "softmax_biased"  # layers/moe.py ROUTERS: "softmax_biased" | "sigmoid_grouped"
+  n_group: int = 1  # sigmoid_grouped: expert groups; top-k only within the topk_group best
+  topk_group: int = 1
+  routed_scaling_factor: float = 1.0  # sigmoid_grouped: combine weights x this
 
   def __post_init__(self):
     if isinstance(self.moe_layers, list):
       object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
     _check_types(self)
-    _check(self.d_model % self.n_heads == 0, "d_model",
+    _check(self.explicit_head_dim is not None or self.d_model % self.n_heads == 0, "d_model",
            f"{self.d_model} is not a multiple of n_heads={self.n_heads}")
     _check(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
            f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-    _check((self.d_model // self.n_heads) % 2 == 0, "d_model",
-           "head_dim must be even for rotary embeddings")
+    _check(self.head_dim % 2 == 0, "d_model", "head_dim must be even for rotary embeddings")
     _check(self.embedding_size >= self.vocab_size, "embedding_size",
            f"{self.embedding_size} is smaller than vocab_size={self.vocab_size}")
     for name in ("dtype", "param_dtype"):
       _check(getattr(self, name) in ("float32", "bfloat16"), name,
              f"{getattr(self, name)!r} is not 'float32' or 'bfloat16'")
-    _check(self.family in ("llada", "llada_moe"), "family",
-           f"{self.family!r} is not 'llada' or 'llada_moe'")
-    if self.family == "llada_moe":
+    _check(self.family in FAMILIES, "family", f"{self.family!r} is not one of {FAMILIES}")
+    if self.family in MOE_FAMILIES:
       _check(self.num_experts > 0 and 1 <= self.num_experts_per_tok <= self.num_experts,
              "num_experts_per_tok", f"{self.num_experts_per_tok} is not in [1, num_experts="
              f"{self.num_experts}]")
@@ -152,7 +158,7 @@ class ModelConfig:
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.n_heads
+    return self.explicit_head_dim or self.d_model // self.n_heads
 
   @property
   def rotary_dim(self) -> int:
@@ -165,7 +171,7 @@ class ModelConfig:
   def _ffn_params(self, active: bool) -> int:
     """FFN weights of all layers (MoE layers: all experts, or the k active ones)."""
     d = self.d_model
-    if self.family != "llada_moe":
+    if self.family not in MOE_FAMILIES:
       return self.n_layers * 3 * d * self.mlp_hidden_size
     n_moe = sum(self.moe_layers)
     experts = self.num_experts_per_tok if active else self.num_experts
@@ -216,6 +222,9 @@ class ModelConfig:
     Ids the file lacks are filled with LLaDA's defaults only for LLaDA's own
     vocabulary (see `resolve_special_ids` for the tokenizer step in between).
     """
+    if hf.get("model_type") == "llada2_moe":  # LLaDA2.x (block diffusion)
+      from llada_jax.models import llada2  # pylint: disable=g-import-not-at-top
+      return cls.from_dict(llada2.config_from_hf(hf, **overrides))
     if hf.get("model_type") != "llada":
       raise ValueError(
           f"config.json: model_type is {hf.get('model_type')!r}, expected 'llada'")
@@ -269,6 +278,9 @@ class ModelConfig:
     if self.family == "llada_moe":
       from llada_jax.models import llada_moe  # pylint: disable=g-import-not-at-top
       return llada_moe.config_to_hf(self, torch_dtype)
+    if self.family == "llada2":
+      from llada_jax.models import llada2  # pylint: disable=g-import-not-at-top
+      return llada2.config_to_hf(self, torch_dtype)
     hf: dict[str, Any] = {
         "activation_type": "silu",
         "alibi": False,
@@ -376,13 +388,21 @@ def tokenizer_special_ids(model_dir: str) -> dict[str, int]:
     with open(tok_json) as f:
       for tok in json.load(f).get("added_tokens", []):
         by_content[tok["content"]] = tok["id"]
-  tok_cfg = os.path.join(model_dir, "tokenizer_config.json")
+  tok_cfg, named = os.path.join(model_dir, "tokenizer_config.json"), {}
   if os.path.exists(tok_cfg):
     with open(tok_cfg) as f:
-      for tid, tok in json.load(f).get("added_tokens_decoder", {}).items():
-        by_content.setdefault(tok["content"], int(tid))
-  return {field: by_content[text] for field, text in SPECIAL_TOKENS.items()
-          if text in by_content}
+      tok_config = json.load(f)
+    for tid, tok in tok_config.get("added_tokens_decoder", {}).items():
+      by_content.setdefault(tok["content"], int(tid))
+    for field in ("bos_token_id", "eos_token_id", "mask_token_id"):  # e.g. "mask_token": "<|mask|>"
+      text = tok_config.get(field.removesuffix("_id"))
+      named[field] = text.get("content") if isinstance(text, dict) else text
+  found = {field: by_content[text] for field, text in SPECIAL_TOKENS.items()
+           if text in by_content}
+  for field, text in named.items():  # other vocabularies (Ling: LLaDA-MoE, LLaDA2)
+    if field not in found and text in by_content:
+      found[field] = by_content[text]
+  return found
 
 
 def config_from_model_dir(model_dir: str, **overrides) -> ModelConfig:

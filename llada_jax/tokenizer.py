@@ -1,8 +1,9 @@
 """One tokenizer interface for every front end: HF `tokenizer.json` or SentencePiece.
 
 `load_tokenizer(dir_or_file)` returns a `Tokenizer` with `encode`, `decode`,
-`apply_chat_template` (SPEC §2), `vocab_size` and the special ids `bos_id
-eos_id pad_id mask_id eot_id start_header_id end_header_id` (None if absent).
+`apply_chat_template` (SPEC §2 for LLaDA; LLaDA2's own markup, `LLADA2_CHAT`,
+keyed by model family), `vocab_size` and the special ids `bos_id eos_id pad_id
+mask_id eot_id start_header_id end_header_id` (None if absent).
 
 `python -m llada_jax.tokenizer train --input FILES --vocab_size N --output DIR`
 trains a SentencePiece BPE model that reserves LLaDA's special tokens at fixed
@@ -38,6 +39,43 @@ CHAT_TEMPLATE = (
     "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}")
 
+# LLaDA2.x's chat markup (the Ling 2.0 tokenizer of inclusionAI/LLaDA2.0-*, LLaDA2.1-*).
+# Its tokenizer_config.json template opens with a system turn that sets the thinking
+# mode, `<role>SYSTEM</role>[system prompt + "\n"]detailed thinking off<|role_end|>`,
+# then one `<role>ROLE</role>{content}<|role_end|>` per message (ROLE: SYSTEM, HUMAN,
+# ASSISTANT; content as is) and `<role>ASSISTANT</role>` for the model's turn. No BOS.
+# (Tools and the multi-step tool-response handling of that template are not rendered.)
+LLADA2_CHAT = {"roles": {"system": "SYSTEM", "user": "HUMAN", "assistant": "ASSISTANT"},
+               "turn": "<role>{role}</role>{content}<|role_end|>", "thinking": "off",
+               "tokens": ("<role>", "</role>", "<|role_end|>")}
+# Which markup each model family's tokenizer takes (default: LLaDA's, SPEC §2).
+CHAT_FORMATS = {"llada": "llada", "llada_moe": "llada", "llada2": "llada2"}
+
+
+def render_llada2_chat(messages: Sequence[dict], add_generation_prompt: bool = True,
+                       thinking: str = LLADA2_CHAT["thinking"]) -> str:
+  """LLaDA2's chat template as text (see `LLADA2_CHAT`)."""
+  _check_messages(messages, LLADA2_CHAT["roles"])
+  head, turn = "", LLADA2_CHAT["turn"]
+  if messages and messages[0]["role"] == "system":
+    head, messages = str(messages[0]["content"]) + "\n", messages[1:]
+  out = f"<role>SYSTEM</role>{head}detailed thinking {thinking}<|role_end|>"
+  for message in messages:
+    out += turn.format(role=LLADA2_CHAT["roles"][message["role"]],
+                       content=str(message["content"]))
+  return out + ("<role>ASSISTANT</role>" if add_generation_prompt else "")
+
+
+def _check_messages(messages: Sequence[dict], roles=None) -> None:
+  for n, message in enumerate(messages):
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+      raise ValueError(f"messages[{n}]: expected a dict with 'role' and 'content', "
+                       f"got {message!r}")
+    if roles is not None and message["role"] not in roles:
+      raise ValueError(f"messages[{n}]: role {message['role']!r} is not one of "
+                       f"{sorted(roles)}")
+
+
 _ID_FIELDS = {  # attribute -> special token string
     "bos_id": SPECIAL_TOKENS["bos_token_id"],
     "eos_id": SPECIAL_TOKENS["eos_token_id"],
@@ -59,9 +97,12 @@ class Tokenizer:
     self.pad_id = self._token_id(pad_token) if pad_token else None
     if self.pad_id is None:
       self.pad_id = self.eos_id  # LLaDA pads with EOS
+    # A tokenizer with LLaDA2's role tokens takes its chat markup unless told otherwise.
+    llada2_ids = [self._token_id(t) for t in LLADA2_CHAT["tokens"]]
+    self.chat_format = "llada2" if None not in llada2_ids else "llada"
     self.special_ids = frozenset(
         i for i in (self.bos_id, self.eos_id, self.pad_id, self.mask_id, self.eot_id,
-                    self.start_header_id, self.end_header_id) if i is not None)
+                    self.start_header_id, self.end_header_id, *llada2_ids) if i is not None)
 
   def encode(self, text: str) -> list[int]:
     """Text -> ids; special-token strings in `text` become their ids; no BOS added."""
@@ -75,20 +116,25 @@ class Tokenizer:
       ids = [i for i in ids if i not in self.special_ids]
     return self._decode(ids, skip_special)
 
-  def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True
-                          ) -> list[int]:
-    """SPEC §2: BOS, then per message `<sh>role<eh>\\n\\n{content.strip()}<eot>`,
-    then the assistant header when `add_generation_prompt` (the model's turn)."""
+  def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                          family: str | None = None) -> list[int]:
+    """The chat markup of model `family` (`CHAT_FORMATS`; None: the tokenizer's own,
+    `chat_format`). LLaDA (SPEC §2): BOS, then per message
+    `<sh>role<eh>\\n\\n{content.strip()}<eot>`, then the assistant header when
+    `add_generation_prompt` (the model's turn). LLaDA2: `render_llada2_chat`."""
+    if family is not None and family not in CHAT_FORMATS:
+      raise ValueError(f"apply_chat_template: family {family!r} is not one of "
+                       f"{sorted(CHAT_FORMATS)}")
+    if (CHAT_FORMATS[family] if family else self.chat_format) == "llada2":
+      return self.encode(render_llada2_chat(messages, add_generation_prompt))
     missing = [n for n, v in (("bos", self.bos_id), ("start_header", self.start_header_id),
                               ("end_header", self.end_header_id), ("eot", self.eot_id))
                if v is None]
     if missing:
       raise ValueError(f"apply_chat_template: the tokenizer has no {', '.join(missing)} token")
+    _check_messages(messages)
     ids = [self.bos_id]
-    for n, message in enumerate(messages):
-      if not isinstance(message, dict) or "role" not in message or "content" not in message:
-        raise ValueError(f"messages[{n}]: expected a dict with 'role' and 'content', "
-                         f"got {message!r}")
+    for message in messages:
       ids += self._header(message["role"], str(message["content"]).strip()) + [self.eot_id]
     if add_generation_prompt:
       ids += self._header("assistant", "")

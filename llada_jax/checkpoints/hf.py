@@ -49,9 +49,18 @@ def hf_entries(cfg: ModelConfig) -> list[tuple[ParamSpec, tuple[int, ...], list]
 
 
 def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """Every HF tensor name the config implies, with its shape."""
-  return {name: spec.hf_shape(shape[len(index):])
+  """Every HF tensor name the config implies, with its shape (a fused one once)."""
+  sizes = models.family(cfg).dim_sizes(cfg)
+  return {name: spec.hf_shape(shape[len(index):], sizes)
           for spec, shape, entries in hf_entries(cfg) for index, name in entries}
+
+
+def _hf_part(spec: ParamSpec, w: np.ndarray, sizes) -> np.ndarray:
+  """The rows of HF tensor `w` that are `spec`'s parameter (all of a plain tensor)."""
+  if not spec.hf_parts:
+    return w
+  first, end, _ = spec.hf_rows(sizes)
+  return w[first:end]
 
 
 # safetensors dtype names <-> numpy dtypes (the float types a LLaDA checkpoint uses).
@@ -408,14 +417,15 @@ def read_params(reader, cfg: ModelConfig, dtype: str | None = None,
       integrity.check_array_finite(name, w, where, nonfinite_hint, kind="tensor")
     return w
 
+  sizes = models.family(cfg).dim_sizes(cfg)
   for spec, shape, entries in hf_entries(cfg):
     if not spec.stacked:
-      buf = spec.to_flax(get(spec.hf), shape)
+      buf = spec.to_flax(_hf_part(spec, get(spec.hf), sizes), shape)
       yield spec.path, buf if np_dtype is None else buf.astype(np_dtype, copy=False)
       continue
     buf = None
     for index, name in entries:
-      w = spec.to_flax(get(name), shape[len(index):])
+      w = spec.to_flax(_hf_part(spec, get(name), sizes), shape[len(index):])
       if buf is None:
         buf = np.empty(shape, np_dtype or w.dtype)
       buf[index] = w
@@ -429,10 +439,20 @@ def hf_tensors(params: dict[str, np.ndarray], cfg: ModelConfig
   """Yields (HF name, array in HF layout) from Flax params keyed by path.
 
   `params` is any mapping (e.g. `checkpoints.orbax.OrbaxParams`, which
-  restores on lookup); the names come in `expected_hf_shapes(cfg)` order.
+  restores on lookup); the names come in `expected_hf_shapes(cfg)` order. The
+  parts of a fused tensor are concatenated when its first part comes.
   """
-  for spec, _, entries in hf_entries(cfg):
-    w = params[spec.path]
+  specs = hf_entries(cfg)
+  fused: dict[str, list[ParamSpec]] = {}
+  for spec, _, _ in specs:
+    if spec.hf_parts:
+      fused.setdefault(spec.hf, []).append(spec)
+  for spec, _, entries in specs:
+    if spec.hf_parts and spec.hf_part:
+      continue  # written with part 0
+    group = sorted(fused[spec.hf], key=lambda s: s.hf_part) if spec.hf_parts else [spec]
+    ws = [params[part.path] for part in group]
     for index, name in entries:
-      yield name, spec.to_hf(np.asarray(w[index]))
-    del w  # `params` may restore lazily: hold one parameter at a time
+      tensors = [part.to_hf(np.asarray(w[index])) for part, w in zip(group, ws)]
+      yield name, tensors[0] if len(tensors) == 1 else np.concatenate(tensors, axis=0)
+    del ws  # `params` may restore lazily: hold one parameter (or fused group) at a time

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from llada_jax.layers import masks
+
 
 class KVCache(NamedTuple):
   """Keys (after RoPE) and values of every layer and position: [Y, B, S, K, H]."""
@@ -25,7 +27,8 @@ def xla_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   """Softmax(q k^T / sqrt(H)) v, scores and softmax in float32.
 
   `mask_BS` (1 = real key, 0 = padding) gives padded keys the float32 minimum
-  as score; padded queries still produce (ignored) outputs. -> [B, L, N, H].
+  as score; padded queries still produce (ignored) outputs. A [B, L, S] mask
+  is per query (block-causal, `layers.masks`). -> [B, L, N, H].
   """
   B, L, N, H = q_BLNH.shape
   K = k_BSKH.shape[2]
@@ -34,8 +37,9 @@ def xla_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
                             preferred_element_type=jnp.float32)
   scores_BKGLS = scores_BKGLS * (1.0 / jnp.sqrt(jnp.float32(H)))
   if mask_BS is not None:
-    keep_B11S = mask_BS.astype(bool)[:, None, None, None, :]
-    scores_BKGLS = jnp.where(keep_B11S, scores_BKGLS, jnp.finfo(jnp.float32).min)
+    keep = mask_BS.astype(bool)
+    keep_B11LS = keep[:, None, None, None, :] if keep.ndim == 2 else keep[:, None, None]
+    scores_BKGLS = jnp.where(keep_B11LS, scores_BKGLS, jnp.finfo(jnp.float32).min)
   probs_BKGLS = jax.nn.softmax(scores_BKGLS, axis=-1).astype(v_BSKH.dtype)
   out_BLKGH = jnp.einsum("bkgls,bskh->blkgh", probs_BKGLS, v_BSKH,
                          preferred_element_type=jnp.float32)
@@ -43,17 +47,21 @@ def xla_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
 
 
 @functools.lru_cache(maxsize=None)
-def _splash_kernel(num_heads: int, q_len: int, kv_len: int, interpret: bool):
+def _splash_kernel(num_heads: int, q_len: int, kv_len: int, interpret: bool,
+                   block_length: int | None = None):
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
       splash_attention_kernel as sk, splash_attention_mask as sm)
-  full = sm.FullMask((q_len, kv_len))
+  full = (sm.FullMask((q_len, kv_len)) if block_length is None
+          else masks.splash_mask(q_len, kv_len, block_length))
   mask = sm.MultiHeadMask([full] * num_heads)
   return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
-                     mask_BS: jax.Array | None = None, interpret: bool = False) -> jax.Array:
-  """The TPU Pallas splash-attention kernel with a full (non-causal) mask.
+                     mask_BS: jax.Array | None = None, interpret: bool = False,
+                     block_length: int | None = None) -> jax.Array:
+  """The TPU Pallas splash-attention kernel with a full (non-causal) mask, or
+  the block-causal one of `block_length` (`layers.masks`).
 
   Padding is expressed as segment ids (real = 1, pad = 0), so real queries see
   only real keys, as in `xla_attention`. Needs L and S multiples of 128 on TPU;
@@ -63,7 +71,7 @@ def splash_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
       splash_attention_kernel as sk)
   B, L, N, H = q_BLNH.shape
   S, K = k_BSKH.shape[1], k_BSKH.shape[2]
-  kernel = _splash_kernel(N, L, S, interpret)
+  kernel = _splash_kernel(N, L, S, interpret, block_length)
   scale = 1.0 / jnp.sqrt(jnp.float32(H)).astype(q_BLNH.dtype)
   q_BNLH = jnp.transpose(q_BLNH * scale, (0, 2, 1, 3))
   # The kernel takes one kv head per query head: group by repeating.
@@ -80,7 +88,16 @@ def splash_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
 
 
 def attention(q_BLNH, k_BSKH, v_BSKH, mask_BS=None, *, impl: str = "xla"):
-  """Dispatch on `impl` ("xla" | "splash"); splash falls back to XLA off TPU."""
+  """Dispatch on `impl` ("xla" | "splash"); splash falls back to XLA off TPU.
+
+  `mask_BS`: None, {0,1} [B, S] key padding, or a `masks.BlockCausal`.
+  """
+  if isinstance(mask_BS, masks.BlockCausal):
+    L, S = q_BLNH.shape[1], k_BSKH.shape[1]
+    if impl == "splash" and jax.default_backend() == "tpu" and mask_BS.splash_ready(L, S):
+      return splash_attention(q_BLNH, k_BSKH, v_BSKH, mask_BS.keys_BS,
+                              block_length=mask_BS.block_length)
+    return xla_attention(q_BLNH, k_BSKH, v_BSKH, mask_BS.keep_BLS(L, S))
   if impl == "splash" and jax.default_backend() == "tpu":
     return splash_attention(q_BLNH, k_BSKH, v_BSKH, mask_BS)
   return xla_attention(q_BLNH, k_BSKH, v_BSKH, mask_BS)

@@ -5,7 +5,9 @@ parameter `name` of the submodule `group`), its dimensions as config letters,
 the layer stack it is stacked over (a leading `layers` axis), its logical axis
 names, its initialiser, and the HF state-dict tensor(s) it maps to (`{i}` =
 the layer's index in the whole model, `{e}` = expert: one HF tensor per
-expert, stacked on the parameter's `E` axis) with how the layouts differ. Model
+expert, stacked on the parameter's `E` axis) with how the layouts differ; a
+fused HF tensor (LLaDA2's `query_key_value`) is several parameters, each a run
+of its rows (`hf_parts`). Model
 construction (`make_params`), the checkpoint mapping (`checkpoints/hf.py`) and
 the sharding rules all read the same table.
 """
@@ -33,7 +35,9 @@ class ParamSpec:
   tensor stored as is, else how many leading Flax axes form the torch
   Linear's `in` dimension (torch Linear weights are [out, in]); `present`:
   whether a config has this parameter; `stack`: the size letter of the layer
-  stack (e.g. "Y" = every layer) the parameter is stacked over, "" for none.
+  stack (e.g. "Y" = every layer) the parameter is stacked over, "" for none;
+  `hf_parts`: for a fused HF tensor, the dims of each parameter in it, in the
+  order their rows are stacked (first axis), and `hf_part` which one this is.
   """
   path: str
   dims: str
@@ -44,6 +48,8 @@ class ParamSpec:
   fan_in: str = ""
   present: Callable[[object], bool] = lambda cfg: True
   stack: str = ""
+  hf_parts: tuple[str, ...] = ()
+  hf_part: int = 0
 
   @property
   def stacked(self) -> bool:
@@ -70,12 +76,21 @@ class ParamSpec:
     return [(tuple(x for x in (j, e) if x is not None), self.hf.format(i=i, e=e))
             for j, i in layers for e in experts]
 
-  def hf_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of one HF tensor given the (per-layer) Flax shape."""
+  def hf_rows(self, sizes: Mapping[str, int]) -> tuple[int, int, int]:
+    """(first, end, total): the rows [first, end) of its fused HF tensor's `total`
+    that this parameter is."""
+    rows = [math.prod(sizes[d] for d in part) for part in self.hf_parts]
+    first = sum(rows[:self.hf_part])
+    return first, first + rows[self.hf_part], sum(rows)
+
+  def hf_shape(self, flax_shape: tuple[int, ...], sizes: Mapping[str, int] | None = None
+               ) -> tuple[int, ...]:
+    """Shape of one HF tensor given the (per-layer) Flax shape (`sizes`: of a fused one)."""
     if not self.linear_in_dims:
       return tuple(flax_shape)
     n = self.linear_in_dims
-    return (math.prod(flax_shape[n:]), math.prod(flax_shape[:n]))
+    rows = self.hf_rows(sizes)[2] if self.hf_parts else math.prod(flax_shape[n:])
+    return (rows, math.prod(flax_shape[:n]))
 
   def to_flax(self, w: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
     """HF tensor -> Flax (per-layer) layout."""

@@ -13,9 +13,9 @@ from types import ModuleType
 from flax import nnx
 
 from llada_jax.config import ModelConfig
-from llada_jax.models import llada, llada_moe
+from llada_jax.models import llada, llada2, llada_moe
 
-FAMILIES: dict[str, ModuleType] = {"llada": llada, "llada_moe": llada_moe}
+FAMILIES: dict[str, ModuleType] = {"llada": llada, "llada_moe": llada_moe, "llada2": llada2}
 
 
 def family(cfg: ModelConfig) -> ModuleType:

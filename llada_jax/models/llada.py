@@ -25,6 +25,7 @@ from llada_jax import sharding
 from llada_jax.config import ModelConfig
 from llada_jax.layers import attention as attention_lib
 from llada_jax.layers.attention import KVCache
+from llada_jax.layers.masks import BlockCausal
 from llada_jax.layers.mlp import swiglu
 from llada_jax.layers.norms import rms_norm
 from llada_jax.layers.params import ParamSpec, make_param
@@ -213,7 +214,8 @@ class Transformer(nnx.Module):
     x_BWD = self._constrain(jnp.take(self.wte[...], ids_BW, axis=0).astype(dt),
                             ("batch", "length", "embed"))
     sin_WR, cos_WR = rope_tables(ids_BW.shape[1], cfg.rotary_dim, cfg.rope_theta, start)
-    mask_BS = None if mask_BS is None else jnp.asarray(mask_BS)
+    if mask_BS is not None and not isinstance(mask_BS, BlockCausal):
+      mask_BS = jnp.asarray(mask_BS)
     kvs, aux = [], {}
     for block, weights, first, count in self.segments():
       cache_run = None if cache is None else (cache.k_YBSKH[first:first + count],

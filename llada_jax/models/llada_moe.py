@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 
 from llada_jax.config import ModelConfig
 from llada_jax.layers import moe as moe_lib
+from llada_jax.layers.masks import key_mask
 from llada_jax.layers.mlp import swiglu
 from llada_jax.layers.params import ParamSpec
 from llada_jax.models import llada
@@ -130,7 +131,8 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def moe_config(cfg: ModelConfig) -> moe_lib.MoEConfig:
   return moe_lib.MoEConfig(num_experts=cfg.num_experts, k=cfg.num_experts_per_tok,
-                           router="softmax_biased", impl=cfg.moe_impl)
+                           router=cfg.router, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                           routed_scaling_factor=cfg.routed_scaling_factor, impl=cfg.moe_impl)
 
 
 def moe_ffn(p: dict[str, jax.Array], n_BWD: jax.Array, cfg: ModelConfig, constrain,
@@ -140,6 +142,7 @@ def moe_ffn(p: dict[str, jax.Array], n_BWD: jax.Array, cfg: ModelConfig, constra
   The losses weight real tokens only when the mask covers the W positions
   (full forwards; cached windows do not train).
   """
+  mask_BS = key_mask(mask_BS)  # a block-causal mask's key padding
   mask_BW = mask_BS if mask_BS is not None and mask_BS.shape[1] == n_BWD.shape[1] else None
   weights = {k: p[k] for k in ("router", "expert_bias", "gate_proj", "up_proj", "down_proj")
              if k in p}
@@ -252,8 +255,14 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> dict[str, Any]:
   if "pad_token_id" not in values and "eos_token_id" in values:
     values["pad_token_id"] = values["eos_token_id"]
   values.update(overrides)
+  return ling_special_ids(values, hf["vocab_size"])
+
+
+def ling_special_ids(values: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+  """`values` with the mask id defaulted to the Ling tokenizer's (only for its
+  vocabulary; the released config.json files have none); EOS and pad required."""
   if "mask_token_id" not in values:
-    if hf["vocab_size"] != LING_VOCAB_SIZE:
+    if vocab_size != LING_VOCAB_SIZE:
       raise ValueError("config.json: mask_token_id is missing (not in config.json or the "
                        "tokenizer files) and the vocabulary is not the Ling tokenizer's, so "
                        "it has no default; pass load(..., mask_token_id=...)")

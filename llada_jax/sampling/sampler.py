@@ -392,8 +392,13 @@ def generate(model, prompt_ids, attention_mask=None, *, steps: int = 128,
              threshold: float | None = None, factor: float | None = None,
              stop_at_eos: bool = False, return_nfe: bool = False,
              rng: Any = None, trace: bool = False,
-             constraints: Mapping[int, int] | None = None):
+             constraints: Mapping[int, int] | None = None, **block_options):
   """Samples `gen_length` tokens after each prompt (SPEC §3), optionally faster.
+
+  Block-diffusion models (family llada2) run `sampling/block.py` instead, with
+  the same arguments where the meaning is the same (`steps` per block,
+  `threshold` its commit rule) plus `block_options` (editing_threshold,
+  max_post_steps, num_to_transfer, kv_cache); dense-only settings are refused.
 
   Args:
     model: a `Transformer` (its config gives the mask, EOS and EoT ids; one
@@ -428,6 +433,19 @@ def generate(model, prompt_ids, attention_mask=None, *, steps: int = 128,
     included; with trace=True, (tokens, trace); with return_nfe=True, the NFE
     (int) last: (tokens, nfe) or (tokens, trace, nfe).
   """
+  if model.config.family == "llada2":  # block diffusion
+    from llada_jax.sampling import block  # pylint: disable=g-import-not-at-top
+    return block.generate(
+        model, prompt_ids, attention_mask, steps=steps, gen_length=gen_length,
+        block_length=block_length, temperature=temperature, threshold=threshold,
+        stop_at_eos=stop_at_eos, return_nfe=return_nfe, rng=rng, cfg_scale=cfg_scale,
+        remasking=remasking, logits_eos_inf=logits_eos_inf,
+        confidence_eos_eot_inf=confidence_eos_eot_inf, cache=cache,
+        cache_refresh=cache_refresh, factor=factor, trace=trace, constraints=constraints,
+        **block_options)
+  if block_options:
+    raise ValueError(f"{', '.join(block_options)}: settings of block-diffusion models "
+                     f"(llada2); {model.config.family} models do not take them")
   cfg = model.config
   squeeze = np.ndim(prompt_ids) == 1
   prompt_BP, attn_BP = _as_batch(model, prompt_ids, attention_mask)

@@ -109,7 +109,8 @@ def step_flops(cfg, model_cfg: ModelConfig, devices) -> float:
   """Compiled FLOPs of the whole step (all chips), from unscanned 1- and 2-layer compiles."""
   per = []
   for layers in (1, 2):
-    small = model_cfg.replace(n_layers=layers, scan_layers=False)
+    small = model_cfg.replace(n_layers=layers, scan_layers=False,
+                              moe_layers=model_cfg.moe_layers[:layers])  # MoE: the first ones
     cost = compile_step(cfg, small, devices).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     per.append(float(cost.get("flops", 0.0)))
