@@ -1,7 +1,8 @@
 """Fast sampling: KV caches, threshold / factor decoding, stop_at_eos, NFE.
 
 Exactness where theory gives it (full refreshes = baseline; threshold > 1 =
-one token per step), a plain Python loop of each cache policy, and leak
+one token per step), a plain Python loop of each cache policy
+(tests/reference_sampler.py), and leak
 tests: padding, other rows of the batch and later blocks never reach a
 committed token unless the baseline lets them.
 """
@@ -15,6 +16,7 @@ import llada_jax
 from llada_jax.sampling import decoding
 from llada_jax.sampling import kv_cache
 from llada_jax.sampling import sampler as sampling
+from reference_sampler import reference_generate
 
 
 def _batch(model, rows=3, length=7, seed=0, pads=(0, 2, 4)):
@@ -35,62 +37,6 @@ def confident_model(tiny_model):
   state = jax.tree.map(lambda x: x, state)
   state["ff_out"].set_value(state["ff_out"][...] * 4.0)
   return nnx.merge(graphdef, state)
-
-
-def reference_loop(model, prompt, attn, *, mode, gen_length, block_length, steps=None,
-                   threshold=None, factor=None, cfg_scale=0.):
-  """Each cache policy written plainly with the model's cache primitives: Python
-  loops over blocks, steps and rows; the prefix window is exactly [block, end)."""
-  cfg = model.config
-  mask_id = cfg.mask_token_id
-  B, P = prompt.shape
-  x = np.concatenate([prompt, np.full((B, gen_length), mask_id)], axis=1)
-  full_attn = np.concatenate([attn, np.ones((B, gen_length), attn.dtype)], 1)
-  fixed = x != mask_id
-  if cfg_scale:
-    full_attn = np.concatenate([full_attn, full_attn])
-  window_fn = jax.jit(model.forward_window, static_argnums=())
-  full_fn = jax.jit(model.forward_with_cache)
-  num_blocks = gen_length // block_length
-  for b in range(num_blocks):
-    lo, hi = P + b * block_length, P + (b + 1) * block_length
-    n = (x[:, lo:hi] == mask_id).sum(1)
-    spb = steps // num_blocks if steps else block_length
-    i, cache = 0, None
-    while i < spb and (x[:, lo:hi] == mask_id).any():
-      ids = np.concatenate([x, np.where(fixed, mask_id, x)]) if cfg_scale else x
-      if mode == "none" or i == 0:
-        logits, cache = full_fn(ids, full_attn)
-        start = P
-        logits = np.asarray(logits)[:, P:]
-      else:
-        start = lo
-        end = hi if mode == "dual" else P + gen_length
-        logits, _ = window_fn(ids[:, start:end], start, cache, full_attn)
-        logits = np.asarray(logits)
-      if cfg_scale:
-        logits = logits[B:] + (cfg_scale + 1) * (logits[:B] - logits[B:])
-      x0 = logits.argmax(-1)
-      p = np.exp(logits - logits.max(-1, keepdims=True))
-      conf = np.take_along_axis(p / p.sum(-1, keepdims=True), x0[..., None], -1)[..., 0]
-      for r in range(B):
-        cand = [j for j in range(conf.shape[1])
-                if lo <= start + j < hi and x[r, start + j] == mask_id]
-        order = sorted(cand, key=lambda j: (-conf[r, j], j))
-        if not order:
-          continue
-        if threshold is not None:
-          k = max(1, sum(conf[r, j] >= threshold for j in order))
-        elif factor is not None:
-          k = 1
-          while k < len(order) and conf[r, order[k]] >= 1 - factor / (k + 2):
-            k += 1
-        else:
-          k = n[r] // spb + (i < n[r] % spb)
-        for j in order[:k]:
-          x[r, start + j] = x0[r, j]
-      i += 1
-  return x
 
 
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
@@ -123,7 +69,8 @@ def test_cache_policies_equal_a_plain_loop(confident_model, mode, rule, blocks):
   prompt, attn = _batch(confident_model, seed=1)
   args = dict(gen_length=10, block_length=10 // blocks, cfg_scale=0.5)
   steps = None if rule else 10
-  want = reference_loop(confident_model, prompt, attn, mode=mode, steps=steps, **args, **rule)
+  want = reference_generate(confident_model, prompt, attn, cache=mode, steps=steps, **args,
+                            **rule)
   got = llada_jax.generate(confident_model, prompt, attn, cache=mode, steps=steps or 10,
                            **args, **rule)
   np.testing.assert_array_equal(got, want)
@@ -184,6 +131,10 @@ def test_stop_at_eos_fills_remaining_blocks_without_the_model(tiny_model):
   assert nfe < nfe_full
   step = np.asarray(tr.step_BL)[:, 7:]
   assert step.max() == nfe - 1 and (step[:, 4 * stop:] == -1).all()
+  # The stream ends with the block where every row stopped, its canvas filled with EOS.
+  streamed = list(sampling.generate_stream(model, prompt, attn, stop_at_eos=True, **args))
+  assert len(streamed) == stop
+  np.testing.assert_array_equal(streamed[-1], out)
 
 
 def test_trace_of_adaptive_steps(confident_model):

@@ -1,5 +1,6 @@
-"""generate: parity with the PyTorch reference, with a plain Python loop of SPEC §3,
-temperature sampling, options, validation, caching and sharded runs."""
+"""generate: parity with the PyTorch reference, with a plain Python loop of SPEC §3
+(tests/reference_sampler.py), temperature sampling, options, validation, caching,
+sharded runs, and generate_stream."""
 
 import json
 import os
@@ -13,6 +14,7 @@ from flax import nnx
 import llada_jax
 from llada_jax import sharding
 from llada_jax.sampling import sampler as sampling
+from reference_sampler import reference_generate
 
 CASE_ARGS = ("steps", "gen_length", "block_length", "temperature", "cfg_scale", "remasking",
              "logits_eos_inf")
@@ -21,66 +23,6 @@ CASE_ARGS = ("steps", "gen_length", "block_length", "temperature", "cfg_scale", 
 def _cases(fixture_dir):
   with open(os.path.join(fixture_dir, "reference.json")) as f:
     return json.load(f)["generate_cases"]
-
-
-def loop_generate(model, prompt, attn=None, *, steps, gen_length, block_length,
-                  temperature=0., cfg_scale=0., remasking="low_confidence",
-                  logits_eos_inf=False, confidence_eos_eot_inf=False, rng=None,
-                  constraints=None):
-  """SPEC §3 written plainly: Python loops over blocks, steps and rows, numpy top-k.
-
-  Noise is drawn like `generate` documents (step t: fold_in(rng, t), split into
-  the Gumbel and the random-remasking keys) so sampled runs compare token for token.
-  """
-  cfg = model.config
-  mask_id, eos, eot = cfg.mask_token_id, cfg.eos_token_id, cfg.eot_token_id
-  rng = jax.random.key(0) if rng is None else rng
-  B, P = prompt.shape
-  x = np.concatenate([prompt, np.full((B, gen_length), mask_id)], axis=1)
-  for pos, tok in (constraints or {}).items():
-    x[:, P + pos] = tok
-  full_attn = None if attn is None else np.concatenate([attn, np.ones((B, gen_length))], 1)
-  prompt_index = x != mask_id
-  num_blocks = gen_length // block_length
-  spb = steps // num_blocks
-  t = 0
-  for b in range(num_blocks):
-    start, end = P + b * block_length, P + (b + 1) * block_length
-    n = (x[:, start:end] == mask_id).sum(axis=1)
-    k_sched = np.array([[n[r] // spb + (i < n[r] % spb) for i in range(spb)] for r in range(B)])
-    for i in range(spb):
-      logits = np.asarray(model(x, full_attn), np.float32)
-      if cfg_scale > 0:
-        un_x = np.where(prompt_index, mask_id, x)
-        un = np.asarray(model(un_x, full_attn), np.float32)
-        logits = un + (cfg_scale + 1) * (logits - un)
-      logits = np.array(logits[:, P:])
-      if logits_eos_inf:
-        logits[..., eos] = -np.inf
-      key_g, key_r = jax.random.split(jax.random.fold_in(rng, t))
-      if temperature > 0:
-        g = np.asarray(jax.random.gumbel(key_g, logits.shape, jnp.float32))
-        x0 = np.argmax(logits / np.float32(temperature) + g, axis=-1)
-      else:
-        x0 = np.argmax(logits, axis=-1)
-      if confidence_eos_eot_inf:
-        logits[..., [eos] + ([eot] if eot is not None else [])] = -np.inf
-      p = np.exp(logits - logits.max(-1, keepdims=True))
-      p = p / p.sum(-1, keepdims=True)
-      if remasking == "low_confidence":
-        conf = np.take_along_axis(p, x0[..., None], -1)[..., 0]
-      else:
-        conf = np.asarray(jax.random.uniform(key_r, (B, gen_length), jnp.float32))
-      if confidence_eos_eot_inf:
-        conf = np.where(np.isin(x0, [eos, eot]), -np.inf, conf)
-      gen = x[:, P:]
-      candidate = (gen == mask_id) & (np.arange(gen_length) < end - P)
-      for r in range(B):
-        order = sorted(np.flatnonzero(candidate[r]), key=lambda j: (-conf[r, j], j))
-        for j in order[:k_sched[r, i]]:
-          gen[r, j] = x0[r, j]
-      t += 1
-  return x
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +69,7 @@ def test_equals_a_plain_python_loop(tiny_model, eos_heavy_model, settings):
     attn[1, :2] = attn[2, :4] = 0
     prompt = np.where(attn == 1, prompt, model.config.eos_token_id)
   key = jax.random.key(int(rng.integers(1 << 30)))
-  want = loop_generate(model, prompt, attn, rng=key, **settings)
+  want = reference_generate(model, prompt, attn, rng=key, **settings)
   got = llada_jax.generate(model, prompt, attn, rng=key, **settings)
   np.testing.assert_array_equal(got, want)
 
@@ -193,6 +135,30 @@ def test_trace_records_every_step(tiny_model, reference):
     np.testing.assert_array_equal(canvas[s][shown], np.asarray(tokens)[shown])
     assert (canvas[s][step > s] == mask_id).all()
   assert ((conf[:, 10:] > 0) & (conf[:, 10:] <= 1)).all()
+
+
+@pytest.mark.parametrize("args", [dict(steps=6, temperature=0.5, cfg_scale=0.5),
+                                  dict(cache="dual", threshold=0.3)], ids=["none-fixed",
+                                                                           "dual-threshold"])
+def test_stream_yields_each_block_and_ends_with_generates_tokens(tiny_model, reference, args):
+  prompt, attn = reference["gen3_prompt"], reference["gen3_attention_mask"]  # padded rows
+  args = dict(gen_length=12, block_length=4, rng=9, **args)
+  want, nfe = llada_jax.generate(tiny_model, prompt, attn, return_nfe=True, **args)
+  canvases = list(sampling.generate_stream(tiny_model, prompt, attn, **args))
+  assert len(canvases) == 3
+  np.testing.assert_array_equal(canvases[-1], want)
+  mask_id = tiny_model.config.mask_token_id
+  for b, canvas in enumerate(canvases):  # blocks <= b final, the rest still masked
+    assert isinstance(canvas, np.ndarray)
+    done = prompt.shape[1] + 4 * (b + 1)
+    np.testing.assert_array_equal(canvas[:, :done], np.asarray(want)[:, :done])
+    assert (canvas[:, done:] == mask_id).all()
+  *_, (last, last_nfe) = sampling.generate_stream(tiny_model, prompt[0], attn[0],
+                                                  return_nfe=True, **args)
+  np.testing.assert_array_equal(last, np.asarray(want)[0])
+  assert last.ndim == 1 and 0 < last_nfe <= 12 and ("threshold" in args or last_nfe == nfe)
+  with pytest.raises(ValueError, match="block_length"):  # checked when called
+    sampling.generate_stream(tiny_model, prompt, **{**args, "block_length": 5})
 
 
 def test_one_dimensional_prompt_and_compile_cache(tiny_model, reference):

@@ -375,7 +375,7 @@ def generate(model, prompt_ids, attention_mask=None, *, steps: int = DEFAULTS["s
   check_dense_only(dense_only)
   cfg = model.config
   squeeze = np.ndim(prompt_ids) == 1
-  prompt_BP, attn_BP = dense._as_batch(model, prompt_ids, attention_mask)  # pylint: disable=protected-access
+  prompt_BP, attn_BP = dense.as_batch(model, prompt_ids, attention_mask)  # pylint: disable=protected-access
   len_B = prompt_lengths(prompt_BP, attn_BP)
   s, knobs = check_settings(
       cfg, prompt_BP, steps=steps, gen_length=gen_length, block_length=block_length,

@@ -1,8 +1,13 @@
-"""Which masked positions a sampler step reveals: fixed counts, threshold, factor.
+"""A sampler step's reveal rule (`reveal`, pure) and its parts: fixed, threshold, factor.
 
-Every rule reduces to a per-row count k_B of candidates to accept; `topk_mask`
-then reveals the k_B most confident candidates of each row (one sort per row),
-so rows with different counts share one program.
+`reveal` takes the canvas of a window, its logits and the step's key and
+returns the canvas with some masked positions filled: each gets the model's
+token (argmax, or Gumbel-max at temperature > 0) and a confidence (its
+probability, or uniform noise for "random" remasking); the rule says how many
+of the most confident it keeps. Every rule reduces to a per-row count k_B of
+candidates to accept; `topk_mask` then reveals the k_B most confident
+candidates of each row (one sort per row), so rows with different counts share
+one program.
 
 - fixed (SPEC §3): a block holding n masks revealed over the block's `steps` steps takes
   n // steps per step, one more in the first n % steps steps (`step_counts`).
@@ -15,10 +20,64 @@ so rows with different counts share one program.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
 RULES = ("fixed", "threshold", "factor")
+
+
+def reveal(x_BW: jax.Array, logits_BWV: jax.Array, key: jax.Array, *, step, masks_B,
+           temperature, value, s: Any, mask_id: int, stop_ids: tuple[int, ...],
+           candidate_BW: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """One denoising step on a window of the canvas (SPEC §3), as a pure function.
+
+  Args:
+    x_BW: int32 [B, W] tokens of the window, `mask_id` where still unknown.
+    logits_BWV: float32 [B, W, V] (guided and EOS-masked already).
+    key: the step's PRNG key (split into the Gumbel and the random-remasking key).
+    step, masks_B: the step's index in its block and int32 [B] masks the block
+      held at its start (the fixed rule's counts; unused otherwise).
+    temperature, value: traced scalars: the sampling temperature (used when
+      s.sample) and the threshold / factor (when s.rule is one).
+    s: the static settings (`sample`, `remasking`, `rule`, `steps_per_block`,
+      `confidence_eos_eot_inf`).
+    stop_ids: EOS (and EoT) ids, for confidence_eos_eot_inf.
+    candidate_BW: bool, positions that may be revealed (default: every masked one).
+  Returns:
+    (x_BW with the revealed positions filled, bool [B, W] revealed).
+  """
+  key_gumbel, key_remask = jax.random.split(key)
+  if s.sample:
+    g_BWV = jax.random.gumbel(key_gumbel, logits_BWV.shape, jnp.float32)
+    x0_BW = jnp.argmax(logits_BWV / temperature + g_BWV, axis=-1).astype(jnp.int32)
+  else:
+    x0_BW = jnp.argmax(logits_BWV, axis=-1).astype(jnp.int32)
+  stops = jnp.asarray(stop_ids, jnp.int32)
+  if s.remasking == "low_confidence":
+    conf_logits_BWV = logits_BWV
+    if s.confidence_eos_eot_inf:  # the reference meant this for both ids (SPEC §3)
+      conf_logits_BWV = logits_BWV.at[..., stops].set(-jnp.inf)
+    conf_BW = token_prob(conf_logits_BWV, x0_BW)
+  else:
+    conf_BW = jax.random.uniform(key_remask, x_BW.shape, jnp.float32)
+  if s.confidence_eos_eot_inf:
+    conf_BW = jnp.where(jnp.isin(x0_BW, stops), -jnp.inf, conf_BW)
+  candidate_BW = (x_BW == mask_id) if candidate_BW is None else candidate_BW
+  if s.rule == "fixed":
+    k_B = step_counts(masks_B, s.steps_per_block, step)
+  else:
+    k_B = adaptive_counts(s.rule, conf_BW, candidate_BW, value)
+  revealed_BW = topk_mask(conf_BW, k_B, candidate_BW)
+  return jnp.where(revealed_BW, x0_BW, x_BW), revealed_BW
+
+
+def token_prob(logits_BWV: jax.Array, x_BW: jax.Array) -> jax.Array:
+  """softmax(logits)[x], computed as the reference's softmax does (max-shifted)."""
+  shifted_BWV = logits_BWV - jnp.max(logits_BWV, axis=-1, keepdims=True)
+  picked_BW = jnp.take_along_axis(shifted_BWV, x_BW[..., None], axis=-1)[..., 0]
+  return jnp.exp(picked_BW) / jnp.sum(jnp.exp(shifted_BWV), axis=-1)
 
 
 def topk_mask(score_BL: jax.Array, k_B: jax.Array, valid_BL: jax.Array) -> jax.Array:

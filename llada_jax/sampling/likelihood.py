@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llada_jax.sampling import sampler as sampling
+from llada_jax.sampling import common
+from llada_jax.sampling import decoding
 
 # At most this many rows (pairs x batch_size) per forward; more pairs run in chunks.
 MAX_ROWS_PER_FORWARD = 64
@@ -64,10 +65,10 @@ def _ll_loop(graphdef, state, seq_NL, prompt_len_N, answer_len_N, pair_index_N, 
     noise_LNb = jax.vmap(lambda p: jax.vmap(
         lambda key: jax.random.uniform(jax.random.fold_in(key, p + 1), (b,)))(keys_N))(pos_L)
     noise_RL = noise_LNb.reshape(L, N * b).T
-    masked_RL = sampling.topk_mask(noise_RL, l_R, answer_RL)  # a uniform l-subset per row
+    masked_RL = decoding.topk_mask(noise_RL, l_R, answer_RL)  # a uniform l-subset per row
     x_RL = jnp.where(masked_RL, mask_id, seq_RL)
     if s.cfg:
-      logits_RLV = sampling.guided_logits(model, x_RL, attn_RL, prompt_RL, cfg_scale)
+      logits_RLV = common.guided_logits(model, x_RL, attn_RL, prompt_RL, cfg_scale)
     else:
       logits_RLV = model.forward(x_RL, attn_RL)
     target_RL = jnp.take_along_axis(logits_RLV, seq_RL[..., None], axis=-1)[..., 0]
@@ -90,7 +91,7 @@ def _one_sequence(name: str, ids, embedding_size: int, allow_empty: bool) -> np.
                      f"{arr.dtype} {arr.shape}")
   if arr.size == 0 and not allow_empty:
     raise ValueError(f"{name}: is empty")
-  sampling.check_ids(name, arr, embedding_size)
+  common.check_ids(name, arr, embedding_size)
   return arr.astype(np.int32)
 
 
@@ -140,8 +141,8 @@ def log_likelihood(model, prompt_ids, answer_ids, *, mc_num: int = 128, batch_si
   """
   cfg = model.config
   prompts, answers, single = _pairs(prompt_ids, answer_ids, cfg.embedding_size)
-  mc_num = sampling.positive_int("mc_num", mc_num)
-  batch_size = min(sampling.positive_int("batch_size", batch_size), mc_num)
+  mc_num = common.positive_int("mc_num", mc_num)
+  batch_size = min(common.positive_int("batch_size", batch_size), mc_num)
   if mc_num % batch_size:
     raise ValueError(f"mc_num: {mc_num} is not a multiple of batch_size={batch_size}")
   if not np.isfinite(cfg_scale) or cfg_scale < 0:
@@ -153,7 +154,7 @@ def log_likelihood(model, prompt_ids, answer_ids, *, mc_num: int = 128, batch_si
                      f"max_sequence_length={cfg.max_sequence_length}")
   L = int(lengths.max())
   if pad_to is not None:
-    L = max(L, min(sampling.positive_int("pad_to", pad_to), cfg.max_sequence_length))
+    L = max(L, min(common.positive_int("pad_to", pad_to), cfg.max_sequence_length))
   n_pairs = len(answers)
   chunk = max(1, min(n_pairs, MAX_ROWS_PER_FORWARD // batch_size))
   order = np.arange(-(-n_pairs // chunk) * chunk) % n_pairs  # last chunk padded by repeats
@@ -168,15 +169,15 @@ def log_likelihood(model, prompt_ids, answer_ids, *, mc_num: int = 128, batch_si
     attn_NL = (np.arange(L) < lengths[order][:, None]).astype(np.int32)
   settings = _Settings(mc_num // batch_size, batch_size, float(cfg_scale) > 0)
   graphdef, state = nnx.split(model)
-  key = sampling.as_key(rng)
+  key = common.as_key(rng)
   out = []
   for start in range(0, len(order), chunk):
     part = slice(start, start + chunk)
     out.append(_ll_loop_jit(
-        graphdef, state, sampling.place_batch(model, seq_NL[part]),
+        graphdef, state, common.place_batch(model, seq_NL[part]),
         jnp.asarray(prompt_len_N[part]), jnp.asarray(answer_len_N[part]),
         jnp.asarray(order[part], jnp.int32),
-        sampling.place_batch(model, None if attn_NL is None else attn_NL[part]),
+        common.place_batch(model, None if attn_NL is None else attn_NL[part]),
         key, jnp.float32(cfg_scale), s=settings))
   result = np.concatenate([np.asarray(o) for o in out])[:n_pairs]
   return float(result[0]) if single else result
