@@ -26,15 +26,6 @@ from absl import app, flags
 from benchmarks import common
 from llada_jax.layers import moe
 
-_TOKENS = flags.DEFINE_integer("tokens", 2048, "Tokens per call (batch x length).")
-_D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width D.")
-_HIDDEN = flags.DEFINE_integer("hidden", 128, "Expert hidden size F.")
-_EXPERTS = flags.DEFINE_list("experts", ["8", "16", "64"], "Expert counts E.")
-_K = flags.DEFINE_list("k", ["2", "8"], "Experts per token.")
-_IMPLS = flags.DEFINE_list("impls", ["tiled", "dense"], f"Expert paths, of {moe.IMPLS[1:]}.")
-_BACKWARD = flags.DEFINE_bool("backward", False, "Time forward + backward instead.")
-_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per case.")
-_OUTPUT = flags.DEFINE_string("output", None, "Also write the JSON here.")
 
 
 def _interleaved_seconds(fns: Sequence[Callable[[], object]], repeats: int
@@ -102,11 +93,25 @@ def run(tokens: int, d_model: int, hidden: int, experts: Sequence[int], ks: Sequ
           "results": results, "cost_ratio_most_vs_fewest_experts": ratios}
 
 
+def define_flags() -> None:
+  """The command line (defined only when run as a script: other benchmarks share names)."""
+  flags.DEFINE_integer("tokens", 2048, "Tokens per call (batch x length).")
+  flags.DEFINE_integer("d_model", 256, "Model width D.")
+  flags.DEFINE_integer("hidden", 128, "Expert hidden size F.")
+  flags.DEFINE_list("experts", ["8", "16", "64"], "Expert counts E.")
+  flags.DEFINE_list("k", ["2", "8"], "Experts per token.")
+  flags.DEFINE_list("impls", ["tiled", "dense"], f"Expert paths, of {moe.IMPLS[1:]}.")
+  flags.DEFINE_bool("backward", False, "Time forward + backward instead.")
+  flags.DEFINE_integer("repeats", 7, "Timed calls per case.")
+  flags.DEFINE_string("output", None, "Also write the JSON here.")
+
+
 def main(argv):
   del argv
-  result = run(_TOKENS.value, _D_MODEL.value, _HIDDEN.value, [int(e) for e in _EXPERTS.value],
-               [int(k) for k in _K.value], _IMPLS.value, _BACKWARD.value, _REPEATS.value)
-  common.write_json(result, _OUTPUT.value)
+  f = flags.FLAGS
+  result = run(f.tokens, f.d_model, f.hidden, [int(e) for e in f.experts], [int(k) for k in f.k],
+               f.impls, f.backward, f.repeats)
+  common.write_json(result, f.output)
   print(f"MoE layer {result['pass']}, {result['tokens']} tokens, D={result['d_model']}, "
         f"F={result['hidden']}, load average {result['load_average_1_5_15_before'][0]:.1f}")
   print(f"{'impl':>10} {'E':>4} {'k':>3} {'tile':>5} {'min ms':>9} {'median ms':>10} "
@@ -122,4 +127,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
