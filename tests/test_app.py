@@ -56,6 +56,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium (Debian package `chromium`) here")
 def test_demo_in_a_headless_browser(fixture_dir):
   from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top

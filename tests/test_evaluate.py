@@ -243,6 +243,7 @@ def test_simple_evaluate_with_local_tasks(lm, tmp_path):
   assert np.isfinite(out["results"]["tiny_ppl"]["word_perplexity,none"])
 
 
+@pytest.mark.slow
 def test_cli_entry_point(fixture_dir, tmp_path):
   _write_tasks(tmp_path)
   args = ",".join(f"{k}={v}" for k, v in {"checkpoint": fixture_dir, **SMALL}.items())

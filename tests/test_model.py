@@ -122,6 +122,7 @@ def test_all_ones_mask_equals_no_mask(tiny_model, reference):
 
 @pytest.mark.parametrize("change", [dict(scan_layers=False), dict(remat_policy="full"),
                                     dict(remat_policy="save_dots")])
+@pytest.mark.slow
 def test_scan_and_remat_do_not_change_logits_or_grads(change):
   ids = (jnp.arange(16).reshape(2, 8) * 7) % 90
   def loss(model):

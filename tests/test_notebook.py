@@ -15,6 +15,7 @@ def _text(cell) -> str:
   return "".join(o.get("text", "") for o in cell.get("outputs", []) if o["output_type"] == "stream")
 
 
+@pytest.mark.slow
 def test_sampling_notebook_runs(fixture_dir, monkeypatch, tmp_path):
   """Installs this checkout (its dependencies are here already) into a scratch
   directory, the kernel's only path to llada_jax, then runs every cell."""

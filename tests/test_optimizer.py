@@ -42,6 +42,7 @@ def test_adamw_clips_and_decays():
   np.testing.assert_allclose(np.asarray(clipped["w"]), [0.6, 0.8], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_accumulation_equals_one_large_batch():
   cfg = ModelConfig(d_model=32, n_heads=2, n_kv_heads=1, n_layers=2, mlp_hidden_size=64,
                     vocab_size=64, embedding_size=64, max_sequence_length=16,

@@ -109,6 +109,7 @@ def _step(mesh, token_data, steps=3, vocab_chunk=0):
   return state, losses
 
 
+@pytest.mark.slow
 def test_mesh_2x2x2_equals_one_device_and_shardings_follow_rules(token_data):
   """Also: the vocabulary-chunked loss (3 chunks of 48 of 128, the last overlapping)
   on 8 devices trains like the full logits on one."""
@@ -155,6 +156,7 @@ def test_chunked_model_loss_and_grads_equal_full_logits(tiny_model, variant):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sft_steps_learn_and_a_nonfinite_step_is_skipped(token_data):
   cfg = _config(**{"data.source": token_data, "kind": "sft"})
   model_cfg = ModelConfig.from_dict(cfg.model)
@@ -181,6 +183,7 @@ def test_sft_steps_learn_and_a_nonfinite_step_is_skipped(token_data):
   assert int(state["opt_state"][1][0].count) == 6
 
 
+@pytest.mark.slow
 def test_divergence_rolls_back_with_lower_lr_without_recompiling(token_data, tmp_path):
   # A learning rate of 1e30 from step 5 blows the weights up to ~1e30, so the
   # RMSNorm statistics overflow and every later loss is NaN: two skipped steps,
@@ -208,6 +211,7 @@ def test_divergence_rolls_back_with_lower_lr_without_recompiling(token_data, tmp
   np.testing.assert_allclose([r["lr"] for r in rows[7:]], 1e-2, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_is_exact(token_data, tmp_path):
   changes = {"data.source": token_data, "log_every": 2}
   rc, out = _run(tmp_path / "straight", changes)
@@ -223,6 +227,7 @@ def test_resume_after_kill_9_is_exact(token_data, tmp_path):
   assert resumed == straight  # bit-identical losses, data included
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_0(token_data, tmp_path):
   proc = _run(tmp_path, {"data.source": token_data, "total_steps": 100000, "log_every": 1,
                          "checkpoint.every_steps": 100000}, wait=False)
@@ -240,6 +245,7 @@ def test_sigterm_saves_and_exits_0(token_data, tmp_path):
   assert meta["step"] == saved
 
 
+@pytest.mark.slow
 def test_fine_tune_from_hf_fixture_then_load_and_sample_the_workdir(fixture_dir, tmp_path,
                                                                      capsys):
   """init_from an HF snapshot -> a workdir every consumer reads (load, sample CLI)."""
@@ -281,6 +287,7 @@ if __name__ == "__main__":
   app.run(lambda argv: train.main(argv, on_step=_kill_at(flags.FLAGS.kill_at_step)))
 
 
+@pytest.mark.slow
 def test_moe_training_from_the_fixture_logs_router_losses(token_data, tmp_path, capsys):
   """init_from a LLaDA-MoE snapshot: steps run, the router losses are logged apart,
   and the workdir loads as a LLaDA-MoE model again."""
