@@ -12,52 +12,24 @@ for training from scratch and the AOT checks. Generation is block-diffusion:
 `sampling/block.py`, block 32, threshold 0.95 (`block.DEFAULTS`).
 """
 
-import ml_collections
+from configs import llada_moe_7b
 
 BLOCK_LENGTH = 32  # the released generate's default and the trained block size
 
 
-def model_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      family="llada2",
-      d_model=2048,
-      n_heads=16,
-      n_kv_heads=4,
-      explicit_head_dim=128,
-      n_layers=20,
-      mlp_hidden_size=5120,  # intermediate_size: the first_k_dense_replace = 1 dense layer
-      vocab_size=157184,
-      embedding_size=157184,
-      max_sequence_length=32768,
-      rope_theta=600000.0,
-      rms_norm_eps=1e-6,
-      weight_tying=False,
-      qk_norm=True,
-      partial_rotary_factor=0.5,
-      num_experts=256,
-      num_experts_per_tok=8,
-      moe_hidden_size=512,
-      shared_expert_hidden_size=512,  # num_shared_experts = 1
-      moe_layers=[0] + [1] * 19,
-      expert_bias=True,
-      router="sigmoid_grouped",
-      n_group=8,
-      topk_group=4,
-      routed_scaling_factor=2.5,
-      router_aux_loss_coef=0.0,
-      router_z_loss_coef=0.0,
-      mask_token_id=156895,
-      eos_token_id=156892,
-      pad_token_id=156892,
-      bos_token_id=None,
-      eot_token_id=None,
-      dtype="bfloat16",  # TPU default: bf16 compute,
-      param_dtype="float32",  # float32 master weights
-      attention="xla",
-      remat_policy="full",
-      scan_layers=True,
-  ))
+def model_config():
+  cfg = llada_moe_7b.model_config()  # the Ling-tokenizer MoE sizes this family shares
+  cfg.update(family="llada2", n_kv_heads=4, explicit_head_dim=128, n_layers=20,
+             mlp_hidden_size=5120,  # intermediate_size: the first_k_dense_replace = 1 dense layer
+             max_sequence_length=32768, rope_theta=600000.0, rms_norm_eps=1e-6,
+             partial_rotary_factor=0.5, num_experts=256, moe_hidden_size=512,
+             shared_expert_hidden_size=512,  # num_shared_experts = 1
+             moe_layers=[0] + [1] * 19, router="sigmoid_grouped", n_group=8, topk_group=4,
+             routed_scaling_factor=2.5, router_aux_loss_coef=0.0)
+  return cfg
 
 
-def get_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(model=model_config()))
+def get_config():
+  cfg = llada_moe_7b.get_config()
+  cfg.model = model_config()
+  return cfg

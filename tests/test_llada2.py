@@ -5,7 +5,6 @@ attention, router), conversion, config mapping, and the block-diffusion sampler
 import json
 import logging
 import pathlib
-import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 from flax import nnx
 
 import llada_jax
+from fixture_copy import copy_with_config
 from llada_jax import models
 from llada_jax.checkpoints import hf as hf_checkpoint
 from llada_jax.checkpoints import layout
@@ -35,16 +35,7 @@ def model():
 
 def _with_config(tmp_path, **changes) -> str:
   """A copy of the fixture whose config.json has `changes` (None deletes a key)."""
-  out = tmp_path / "llada2"
-  shutil.copytree(FIXTURE, out)
-  hf = json.loads((out / "config.json").read_text())
-  for key, value in changes.items():
-    if value is None:
-      hf.pop(key, None)
-    else:
-      hf[key] = value
-  (out / "config.json").write_text(json.dumps(hf))
-  return str(out)
+  return copy_with_config(FIXTURE, tmp_path / "llada2", **changes)
 
 
 def test_config_maps_the_release_keys(model):

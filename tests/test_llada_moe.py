@@ -4,7 +4,6 @@ paths (generate, log_likelihood, training), expert sharding, and refused configs
 import json
 import logging
 import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +12,7 @@ import pytest
 from flax import nnx
 
 import llada_jax
+from fixture_copy import copy_with_config
 from llada_jax import sharding
 from llada_jax.checkpoints import hf as hf_checkpoint
 from llada_jax.convert import hf_to_orbax, orbax_to_hf
@@ -34,16 +34,7 @@ def moe():
 
 def _with_config(tmp_path, **changes) -> str:
   """A copy of the fixture whose config.json has `changes` (None deletes a key)."""
-  out = tmp_path / "moe"
-  shutil.copytree(FIXTURE, out)
-  hf = json.loads((out / "config.json").read_text())
-  for key, value in changes.items():
-    if value is None:
-      hf.pop(key, None)
-    else:
-      hf[key] = value
-  (out / "config.json").write_text(json.dumps(hf))
-  return str(out)
+  return copy_with_config(FIXTURE, tmp_path / "moe", **changes)
 
 
 def test_config_is_told_apart_from_dense_by_its_keys(moe):

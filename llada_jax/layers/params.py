@@ -124,3 +124,13 @@ def make_param(spec: ParamSpec, sizes: Mapping[str, int], rngs: nnx.Rngs, dtype)
   key = None if spec.init in ("ones", "zeros") else rngs.params()  # constants draw no key
   value = init_value(spec, sizes, key, dtype)
   return nnx.Param(value, out_sharding=spec.logical_axes(), eager_sharding=False)
+
+
+def present_specs(table: Sequence[ParamSpec], cfg) -> list[ParamSpec]:
+  """The entries of a family's table that `cfg` has."""
+  return [spec for spec in table if spec.present(cfg)]
+
+
+def shapes(specs: Sequence[ParamSpec], sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+  """{path: full Flax shape} of table entries."""
+  return {spec.path: spec.shape(sizes) for spec in specs}

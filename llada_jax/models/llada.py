@@ -14,6 +14,7 @@ The module knows logical axis names only; `sharding.py` maps them to a mesh.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import jax
@@ -28,6 +29,7 @@ from llada_jax.layers.attention import KVCache
 from llada_jax.layers.masks import BlockCausal
 from llada_jax.layers.mlp import swiglu
 from llada_jax.layers.norms import rms_norm
+from llada_jax.layers import params as params_lib
 from llada_jax.layers.params import ParamSpec, make_param
 from llada_jax.layers.rope import apply_rope, rope_tables
 
@@ -84,13 +86,12 @@ def layer_ids(cfg: ModelConfig) -> dict[str, list[int]]:
 
 def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
   """The table entries this config has (no `ff_out` head when weights are tied)."""
-  return [spec for spec in PARAMS if spec.present(cfg)]
+  return params_lib.present_specs(PARAMS, cfg)
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """Shape of every parameter, keyed by path (block ones with the leading `layers` axis)."""
-  sizes = dim_sizes(cfg)
-  return {spec.path: spec.shape(sizes) for spec in param_specs(cfg)}
+  """Shape of every parameter, keyed by path (stacked ones with their layers axis first)."""
+  return params_lib.shapes(param_specs(cfg), dim_sizes(cfg))
 
 
 class Blocks(nnx.Module):
@@ -156,15 +157,15 @@ class Transformer(nnx.Module):
       if "/" not in path:
         setattr(self, path, param)
 
-  @staticmethod
-  def family_params(cfg: ModelConfig) -> list[ParamSpec]:
-    """The parameter table entries of this family for `cfg`."""
-    return param_specs(cfg)
+  @classmethod
+  def family_params(cls, cfg: ModelConfig) -> list[ParamSpec]:
+    """The parameter table entries for `cfg` of the family module defining `cls`."""
+    return sys.modules[cls.__module__].param_specs(cfg)
 
-  @staticmethod
-  def family_sizes(cfg: ModelConfig) -> dict[str, int]:
-    """The sizes of the table's dimension letters for `cfg`."""
-    return dim_sizes(cfg)
+  @classmethod
+  def family_sizes(cls, cfg: ModelConfig) -> dict[str, int]:
+    """The sizes of that family table's dimension letters for `cfg`."""
+    return sys.modules[cls.__module__].dim_sizes(cfg)
 
   def _constrain(self, x, names):
     return sharding.constrain(x, names, self.rules, self.mesh)

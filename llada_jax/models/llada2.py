@@ -33,6 +33,7 @@ from flax import nnx
 
 from llada_jax.config import ModelConfig
 from llada_jax.layers.masks import BlockCausal
+from llada_jax.layers import params as params_lib
 from llada_jax.layers.params import ParamSpec
 from llada_jax.models import llada, llada_moe
 
@@ -46,62 +47,28 @@ def _layer(path, dims, axes, init, hf, lin=0, fan="", stack="Y", present=lambda 
   return ParamSpec(path, dims, axes, init, _L + hf, lin, fan, present, stack, **fused)
 
 
-def _has_dense(cfg):
-  return 0 in cfg.moe_layers
-
-
-def _has_moe(cfg):
-  return 1 in cfg.moe_layers
-
-
-def _has_shared(cfg):
-  return _has_moe(cfg) and cfg.shared_expert_hidden_size > 0
-
-
-def _qk_norm(cfg):
-  return cfg.qk_norm
-
-
-_EXPERT = ("experts", "embed", "mlp")
 _QKV_HF = "attention.query_key_value.weight"
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("wte", "VD", ("vocab", "embed"), "embed", "model.word_embeddings.weight"),
-    _layer("blocks/attn_norm", "D", ("embed",), "ones", "input_layernorm.weight"),
-    _layer("blocks/q_proj", "DNH", ("embed", "heads", "head_dim"), "normal", _QKV_HF, 1, "D",
-           part=0),
-    _layer("blocks/k_proj", "DKH", ("embed", "kv_heads", "head_dim"), "normal", _QKV_HF, 1,
-           "D", part=1),
-    _layer("blocks/v_proj", "DKH", ("embed", "kv_heads", "head_dim"), "normal", _QKV_HF, 1,
-           "D", part=2),
-    _layer("blocks/q_norm", "H", ("head_dim",), "ones", "attention.query_layernorm.weight",
-           present=_qk_norm),
-    _layer("blocks/k_norm", "H", ("head_dim",), "ones", "attention.key_layernorm.weight",
-           present=_qk_norm),
-    _layer("blocks/attn_out", "NHD", ("heads", "head_dim", "embed"), "normal",
-           "attention.dense.weight", 2, "D"),
-    _layer("blocks/ff_norm", "D", ("embed",), "ones", "post_attention_layernorm.weight"),
-    _layer("dense/ff_proj", "DF", ("embed", "mlp"), "normal", "mlp.gate_proj.weight", 1, "D",
-           "Z", _has_dense),
-    _layer("dense/up_proj", "DF", ("embed", "mlp"), "normal", "mlp.up_proj.weight", 1, "D",
-           "Z", _has_dense),
-    _layer("dense/ff_out", "FD", ("mlp", "embed"), "normal", "mlp.down_proj.weight", 1, "F",
-           "Z", _has_dense),
-    _layer("moe/router", "DE", ("embed", None), "normal", "mlp.gate.weight", 1, "D", "M",
-           _has_moe),
-    _layer("moe/expert_bias", "E", (None,), "zeros", "mlp.gate.expert_bias", 0, "", "M",
-           _has_moe),
-    _layer("moe/gate_proj", "EDX", _EXPERT, "normal", "mlp.experts.{e}.gate_proj.weight", 1,
-           "D", "M", _has_moe),
-    _layer("moe/up_proj", "EDX", _EXPERT, "normal", "mlp.experts.{e}.up_proj.weight", 1,
-           "D", "M", _has_moe),
-    _layer("moe/down_proj", "EXD", ("experts", "mlp", "embed"), "normal",
-           "mlp.experts.{e}.down_proj.weight", 1, "X", "M", _has_moe),
-    _layer("moe/shared_gate", "DS", ("embed", "mlp"), "normal",
-           "mlp.shared_experts.gate_proj.weight", 1, "D", "M", _has_shared),
-    _layer("moe/shared_up", "DS", ("embed", "mlp"), "normal",
-           "mlp.shared_experts.up_proj.weight", 1, "D", "M", _has_shared),
-    _layer("moe/shared_down", "SD", ("mlp", "embed"), "normal",
-           "mlp.shared_experts.down_proj.weight", 1, "S", "M", _has_shared),
+    *llada_moe.attention_params(_layer, {
+        "blocks/attn_norm": "input_layernorm.weight", "blocks/q_proj": _QKV_HF,
+        "blocks/k_proj": _QKV_HF, "blocks/v_proj": _QKV_HF,
+        "blocks/q_norm": "attention.query_layernorm.weight",
+        "blocks/k_norm": "attention.key_layernorm.weight",
+        "blocks/attn_out": "attention.dense.weight",
+        "blocks/ff_norm": "post_attention_layernorm.weight",
+    }, q_proj={"part": 0}, k_proj={"part": 1}, v_proj={"part": 2}),
+    *llada_moe.ffn_params(_layer, {
+        "dense/ff_proj": "mlp.gate_proj.weight", "dense/up_proj": "mlp.up_proj.weight",
+        "dense/ff_out": "mlp.down_proj.weight", "moe/router": "mlp.gate.weight",
+        "moe/expert_bias": "mlp.gate.expert_bias",
+        "moe/gate_proj": "mlp.experts.{e}.gate_proj.weight",
+        "moe/up_proj": "mlp.experts.{e}.up_proj.weight",
+        "moe/down_proj": "mlp.experts.{e}.down_proj.weight",
+        "moe/shared_gate": "mlp.shared_experts.gate_proj.weight",
+        "moe/shared_up": "mlp.shared_experts.up_proj.weight",
+        "moe/shared_down": "mlp.shared_experts.down_proj.weight",
+    }),
     ParamSpec("ln_f", "D", ("embed",), "ones", "model.norm.weight"),
     ParamSpec("ff_out", "DV", ("embed", "vocab"), "normal", "lm_head.weight", 1, "D",
               present=lambda cfg: not cfg.weight_tying),
@@ -113,13 +80,12 @@ dim_sizes = llada_moe.dim_sizes
 
 def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
   """The table entries this config has."""
-  return [spec for spec in PARAMS if spec.present(cfg)]
+  return params_lib.present_specs(PARAMS, cfg)
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """Shape of every parameter, keyed by path (stacked ones with their layers axis first)."""
-  sizes = dim_sizes(cfg)
-  return {spec.path: spec.shape(sizes) for spec in param_specs(cfg)}
+  return params_lib.shapes(param_specs(cfg), dim_sizes(cfg))
 
 
 def attention_mask(mask_BS: jax.Array | None, block_length: int | None, start=0):
@@ -136,14 +102,6 @@ class Transformer(llada_moe.Transformer):
   Every forward takes `block_length` (static int or None): None attends
   bidirectionally (over real keys), an int block-causally (`layers.masks`).
   """
-
-  @staticmethod
-  def family_params(cfg: ModelConfig) -> list[ParamSpec]:
-    return param_specs(cfg)
-
-  @staticmethod
-  def family_sizes(cfg: ModelConfig) -> dict[str, int]:
-    return dim_sizes(cfg)
 
   def forward(self, input_ids_BL, attention_mask_BL=None, block_length: int | None = None):
     mask = attention_mask(attention_mask_BL, block_length)

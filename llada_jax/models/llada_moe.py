@@ -33,6 +33,7 @@ from llada_jax.config import ModelConfig
 from llada_jax.layers import moe as moe_lib
 from llada_jax.layers.masks import key_mask
 from llada_jax.layers.mlp import swiglu
+from llada_jax.layers import params as params_lib
 from llada_jax.layers.params import ParamSpec
 from llada_jax.models import llada
 
@@ -59,45 +60,76 @@ def _has_shared(cfg):
   return _has_moe(cfg) and cfg.shared_expert_hidden_size > 0
 
 
+# The attention entries of every layer (stack Y): (path, dims, axes, init, linear_in_dims,
+# fan_in, present); families differ in the HF names (`attention_params`).
+_ATTENTION_ROWS = (
+    ("blocks/attn_norm", "D", ("embed",), "ones", 0, "", lambda cfg: True),
+    ("blocks/q_proj", "DNH", ("embed", "heads", "head_dim"), "normal", 1, "D", lambda cfg: True),
+    ("blocks/k_proj", "DKH", ("embed", "kv_heads", "head_dim"), "normal", 1, "D",
+     lambda cfg: True),
+    ("blocks/v_proj", "DKH", ("embed", "kv_heads", "head_dim"), "normal", 1, "D",
+     lambda cfg: True),
+    ("blocks/q_norm", "H", ("head_dim",), "ones", 0, "", lambda cfg: cfg.qk_norm),
+    ("blocks/k_norm", "H", ("head_dim",), "ones", 0, "", lambda cfg: cfg.qk_norm),
+    ("blocks/attn_out", "NHD", ("heads", "head_dim", "embed"), "normal", 2, "D",
+     lambda cfg: True),
+    ("blocks/ff_norm", "D", ("embed",), "ones", 0, "", lambda cfg: True),
+)
+
+
+def attention_params(layer, hf_names: dict[str, str], **per_path) -> tuple[ParamSpec, ...]:
+  """The per-layer attention entries; `per_path[path]` adds keyword arguments to `layer`."""
+  return tuple(layer(path, dims, axes, init, hf_names[path], lin, fan, "Y", present,
+                     **per_path.get(path.split("/")[1], {}))
+               for path, dims, axes, init, lin, fan, present in _ATTENTION_ROWS)
+
+
 _EXPERT = ("experts", "embed", "mlp")
+# The dense-MLP (stack Z) and MoE (stack M) entries: (path, dims, axes, init, linear_in_dims,
+# fan_in, stack, present). Families differ only in the HF names (`ffn_params`).
+_FFN_ROWS = (
+    ("dense/ff_proj", "DF", ("embed", "mlp"), "normal", 1, "D", "Z", _has_dense),
+    ("dense/up_proj", "DF", ("embed", "mlp"), "normal", 1, "D", "Z", _has_dense),
+    ("dense/ff_out", "FD", ("mlp", "embed"), "normal", 1, "F", "Z", _has_dense),
+    ("moe/router", "DE", ("embed", None), "normal", 1, "D", "M", _has_moe),
+    ("moe/expert_bias", "E", (None,), "zeros", 0, "", "M",
+     lambda cfg: _has_moe(cfg) and cfg.expert_bias),
+    ("moe/gate_proj", "EDX", _EXPERT, "normal", 1, "D", "M", _has_moe),
+    ("moe/up_proj", "EDX", _EXPERT, "normal", 1, "D", "M", _has_moe),
+    ("moe/down_proj", "EXD", ("experts", "mlp", "embed"), "normal", 1, "X", "M", _has_moe),
+    ("moe/shared_gate", "DS", ("embed", "mlp"), "normal", 1, "D", "M", _has_shared),
+    ("moe/shared_up", "DS", ("embed", "mlp"), "normal", 1, "D", "M", _has_shared),
+    ("moe/shared_down", "SD", ("mlp", "embed"), "normal", 1, "S", "M", _has_shared),
+)
+
+
+def ffn_params(layer, hf_names: dict[str, str]) -> tuple[ParamSpec, ...]:
+  """The FFN entries of a MoE family's table; `layer` makes a per-layer ParamSpec and
+  `hf_names` gives each path's HF name after `model.layers.{i}.` ({e} = expert)."""
+  return tuple(layer(path, dims, axes, init, hf_names[path], lin, fan, stack, present)
+               for path, dims, axes, init, lin, fan, stack, present in _FFN_ROWS)
+
+
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("wte", "VD", ("vocab", "embed"), "embed", "model.embed_tokens.weight"),
-    _layer("blocks/attn_norm", "D", ("embed",), "ones", "input_layernorm.weight"),
-    _layer("blocks/q_proj", "DNH", ("embed", "heads", "head_dim"), "normal",
-           "self_attn.q_proj.weight", 1, "D"),
-    _layer("blocks/k_proj", "DKH", ("embed", "kv_heads", "head_dim"), "normal",
-           "self_attn.k_proj.weight", 1, "D"),
-    _layer("blocks/v_proj", "DKH", ("embed", "kv_heads", "head_dim"), "normal",
-           "self_attn.v_proj.weight", 1, "D"),
-    _layer("blocks/q_norm", "H", ("head_dim",), "ones", "self_attn.q_norm.weight",
-           present=lambda cfg: cfg.qk_norm),
-    _layer("blocks/k_norm", "H", ("head_dim",), "ones", "self_attn.k_norm.weight",
-           present=lambda cfg: cfg.qk_norm),
-    _layer("blocks/attn_out", "NHD", ("heads", "head_dim", "embed"), "normal",
-           "self_attn.o_proj.weight", 2, "D"),
-    _layer("blocks/ff_norm", "D", ("embed",), "ones", "post_attention_layernorm.weight"),
-    _layer("dense/ff_proj", "DF", ("embed", "mlp"), "normal", "mlp.gate_proj.weight", 1, "D",
-           "Z", _has_dense),
-    _layer("dense/up_proj", "DF", ("embed", "mlp"), "normal", "mlp.up_proj.weight", 1, "D",
-           "Z", _has_dense),
-    _layer("dense/ff_out", "FD", ("mlp", "embed"), "normal", "mlp.down_proj.weight", 1, "F",
-           "Z", _has_dense),
-    _layer("moe/router", "DE", ("embed", None), "normal", "mlp.gate.weight", 1, "D", "M",
-           _has_moe),
-    _layer("moe/expert_bias", "E", (None,), "zeros", "mlp.expert_bias", 0, "", "M",
-           lambda cfg: _has_moe(cfg) and cfg.expert_bias),
-    _layer("moe/gate_proj", "EDX", _EXPERT, "normal", "mlp.experts.{e}.gate_proj.weight", 1,
-           "D", "M", _has_moe),
-    _layer("moe/up_proj", "EDX", _EXPERT, "normal", "mlp.experts.{e}.up_proj.weight", 1,
-           "D", "M", _has_moe),
-    _layer("moe/down_proj", "EXD", ("experts", "mlp", "embed"), "normal",
-           "mlp.experts.{e}.down_proj.weight", 1, "X", "M", _has_moe),
-    _layer("moe/shared_gate", "DS", ("embed", "mlp"), "normal", "shared_expert.gate_proj.weight",
-           1, "D", "M", _has_shared),
-    _layer("moe/shared_up", "DS", ("embed", "mlp"), "normal", "shared_expert.up_proj.weight",
-           1, "D", "M", _has_shared),
-    _layer("moe/shared_down", "SD", ("mlp", "embed"), "normal",
-           "shared_expert.down_proj.weight", 1, "S", "M", _has_shared),
+    *attention_params(_layer, {
+        "blocks/attn_norm": "input_layernorm.weight", "blocks/q_proj": "self_attn.q_proj.weight",
+        "blocks/k_proj": "self_attn.k_proj.weight", "blocks/v_proj": "self_attn.v_proj.weight",
+        "blocks/q_norm": "self_attn.q_norm.weight", "blocks/k_norm": "self_attn.k_norm.weight",
+        "blocks/attn_out": "self_attn.o_proj.weight",
+        "blocks/ff_norm": "post_attention_layernorm.weight",
+    }),
+    *ffn_params(_layer, {
+        "dense/ff_proj": "mlp.gate_proj.weight", "dense/up_proj": "mlp.up_proj.weight",
+        "dense/ff_out": "mlp.down_proj.weight", "moe/router": "mlp.gate.weight",
+        "moe/expert_bias": "mlp.expert_bias",
+        "moe/gate_proj": "mlp.experts.{e}.gate_proj.weight",
+        "moe/up_proj": "mlp.experts.{e}.up_proj.weight",
+        "moe/down_proj": "mlp.experts.{e}.down_proj.weight",
+        "moe/shared_gate": "shared_expert.gate_proj.weight",
+        "moe/shared_up": "shared_expert.up_proj.weight",
+        "moe/shared_down": "shared_expert.down_proj.weight",
+    }),
     ParamSpec("ln_f", "D", ("embed",), "ones", "model.norm.weight"),
     ParamSpec("ff_out", "DV", ("embed", "vocab"), "normal", "lm_head.weight", 1, "D",
               present=lambda cfg: not cfg.weight_tying),
@@ -120,13 +152,12 @@ def dim_sizes(cfg: ModelConfig) -> dict[str, int]:
 
 def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
   """The table entries this config has."""
-  return [spec for spec in PARAMS if spec.present(cfg)]
+  return params_lib.present_specs(PARAMS, cfg)
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """Shape of every parameter, keyed by path (stacked ones with their layers axis first)."""
-  sizes = dim_sizes(cfg)
-  return {spec.path: spec.shape(sizes) for spec in param_specs(cfg)}
+  return params_lib.shapes(param_specs(cfg), dim_sizes(cfg))
 
 
 def moe_config(cfg: ModelConfig) -> moe_lib.MoEConfig:
@@ -156,14 +187,6 @@ def moe_ffn(p: dict[str, jax.Array], n_BWD: jax.Array, cfg: ModelConfig, constra
 
 class Transformer(llada.Transformer):
   """The LLaDA-MoE mask predictor: token ids [B, L] -> float32 logits [B, L, V]."""
-
-  @staticmethod
-  def family_params(cfg: ModelConfig) -> list[ParamSpec]:
-    return param_specs(cfg)
-
-  @staticmethod
-  def family_sizes(cfg: ModelConfig) -> dict[str, int]:
-    return dim_sizes(cfg)
 
   def segments(self):
     """Runs of consecutive MoE / dense layers, each scanned with its block function."""
