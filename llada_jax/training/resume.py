@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from flax import traverse_util
 
 from llada_jax.checkpoints import integrity
@@ -112,6 +113,8 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
       dst = os.path.join(out, f"{step}-{stamp}")
       shutil.move(os.path.join(str(mngr.directory), str(step)), dst)
       _warn(f"moved the broken step {step} to {dst}")
+  if jax.process_count() > 1:  # every host reloads after the move
+    multihost_utils.sync_global_devices("llada_set_aside_broken_steps")
   mngr.reload()
 
 

@@ -123,7 +123,9 @@ def check_config(cfg, process_count: int = 1, device_count: int = 1) -> None:
   _int(cfg, "loss_vocab_chunk", 0)
   _real(cfg, "rollback_lr_scale", 0, 1, lo_open=True)
   _real(cfg, "peak_flops", 0)
-  _real(cfg, "data.eval_fraction", 0, 1, lo_open=True, hi_open=True)
+  if not _get(cfg, "data.eval_source") and not str(_get(cfg, "data.source", "")).startswith(
+      "tfds:"):  # the held-out split is a fraction of the training source
+    _real(cfg, "data.eval_fraction", 0, 1, lo_open=True, hi_open=True)
   _check_optimizer(cfg, total)
   _check_batch(cfg, process_count, device_count)
   init_from = _get(cfg, "init_from")
@@ -134,7 +136,8 @@ def check_config(cfg, process_count: int = 1, device_count: int = 1) -> None:
 def _check_optimizer(cfg, total_steps: int) -> None:
   _real(cfg, "optimizer.learning_rate", 0, lo_open=True)
   for key in ("final_learning_rate", "drop_learning_rate", "weight_decay", "clip_norm"):
-    _real(cfg, f"optimizer.{key}", 0)
+    if not (key in ("drop_learning_rate", "clip_norm") and _get(cfg, f"optimizer.{key}") is None):
+      _real(cfg, f"optimizer.{key}", 0)  # (None: no drop rate / no clipping)
   _real(cfg, "optimizer.b1", 0, 1, hi_open=True)
   _real(cfg, "optimizer.b2", 0, 1, hi_open=True)
   _real(cfg, "optimizer.eps", 0, lo_open=True)
