@@ -135,7 +135,8 @@ def test_resume_and_load_fall_back_past_a_broken_checkpoint(base_workdir, token_
   assert os.path.isdir(step8)  # saved again
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f]
-  assert steps == list(range(1, 9))  # case 8: each step once after the resume
+  logged = [s for s in range(1, 9) if s % _config(token_data).log_every == 0 or s == 8]
+  assert steps == logged  # case 8: each logged step once after the resume
   assert not os.path.exists(os.path.join(workdir, lock.LOCK_FILE))
 
 
@@ -204,7 +205,8 @@ def test_a_failed_async_save_surfaces_at_the_next_step(tmp_path):
         error = e
       time.sleep(0.05)
     assert error is not None
-    assert errors.one_line(error) == f"no space left on device writing {mnt}/run/checkpoints/1"
+    message = errors.one_line(error)  # names the file when the failing write says which
+    assert message.startswith("no space left on device writing") and "\n" not in message, message
   finally:
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
@@ -273,9 +275,10 @@ def test_generate_refuses_a_non_bool_flag(tiny_model):
 def test_web_demo_too_long_message_names_its_buttons(tiny_model, fixture_dir):
   """Case 8: web users have a Reset button and a gen_length slider, not /reset."""
   import gradio as gr  # pylint: disable=g-import-not-at-top
-  from llada_jax.frontends import app, cli  # pylint: disable=g-import-not-at-top
+  from llada_jax.frontends import app  # pylint: disable=g-import-not-at-top
+  from llada_jax.frontends import settings as settings_lib  # pylint: disable=g-import-not-at-top
   from llada_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
-  settings = {**{k: v for k, v in cli.SAMPLER_ARGS.items()}, "seed": 0}
+  settings = {**{k: v for k, v in settings_lib.SAMPLER_ARGS.items()}, "seed": 0}
   demo = app.build(tiny_model, load_tokenizer(fixture_dir), settings)
   respond = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "respond")
   with pytest.raises(gr.Error) as e:
