@@ -58,6 +58,7 @@ from lm_eval.api.registry import register_model
 from lm_eval import utils as lm_utils
 
 from llada_jax import sharding
+from llada_jax import errors
 from llada_jax.checkpoints import loading
 from llada_jax.frontends import settings as settings_lib
 from llada_jax.sampling import likelihood
@@ -368,8 +369,10 @@ class LLaDAEval(LM):
     return "".join(text)
 
 
+@errors.report_errors("python -m llada_jax.evaluate")
 def main(argv: Sequence[str] | None = None) -> None:
-  """Checks our model args, then hands the command line to lm-eval's CLI."""
+  """Checks our model args, then hands the command line to lm-eval's CLI (errors: one line;
+  tracebacks with LLADA_DEBUG=1)."""
   from lm_eval.__main__ import cli_evaluate  # pylint: disable=g-import-not-at-top
   from lm_eval._cli.utils import MergeDictAction  # pylint: disable=g-import-not-at-top
   argv = sys.argv[1:] if argv is None else list(argv)
