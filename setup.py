@@ -29,7 +29,7 @@ EXTRAS = {
     "tpu": ["jax[tpu]==0.10.2"],
     "test": ["pytest>=8", "pytest-timeout", "lm-eval==0.4.13", "nbclient>=0.10",
              "nbformat>=5.10", "ipykernel>=6.29", "pexpect>=4.8", "gradio>=5",
-             "playwright>=1.40"],
+             "playwright>=1.40", "openai>=1.40"],
 }
 
 setup(
@@ -46,6 +46,7 @@ setup(
         "llada-sample=llada_jax.frontends.cli:main",
         "llada-chat=llada_jax.frontends.chat:main",
         "llada-app=llada_jax.frontends.app:main",
+        "llada-serve=llada_jax.frontends.serve:main",
         "llada-evaluate=llada_jax.frontends.evaluate:main",
         "llada-tokenizer=llada_jax.tokenizer:main",
         "llada-hf-to-orbax=llada_jax.convert.hf_to_orbax:main",

@@ -160,10 +160,7 @@ def parse_mesh(spec: str) -> tuple[int, ...]:
   return shape
 
 
-def stop_at(text: str, until: Sequence[str]) -> str:
-  """`text` up to the earliest occurrence of any stop sequence."""
-  cut = min((i for i in (text.find(s) for s in until if s) if i >= 0), default=len(text))
-  return text[:cut]
+stop_at = settings_lib.stop_at  # the front ends' stop-sequence cut
 
 
 def _chunks(order: list[int], size: int):

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from llada_jax.checkpoints import hub
+from llada_jax.sampling import block
 from llada_jax.sampling import kv_cache
 from llada_jax.sampling import sampler as sampling
 
@@ -102,14 +103,30 @@ def model_paths(checkpoint: str, tokenizer: str | None = None,
 
 def check_settings(settings: dict[str, Any], cfg=None, prompt_len: int = 0) -> None:
   """ValueError naming the bad setting of `settings` (generate's arguments + "seed");
-  with a model config, also that a prompt of `prompt_len` tokens + gen_length fits."""
+  with a model config, also that a prompt of `prompt_len` tokens + gen_length fits
+  and that the model's family takes the settings (llada2: the block sampler's rules,
+  dense-only settings refused)."""
   for name in ("logits_eos_inf", "confidence_eos_eot_inf", "stop_at_eos"):
     if not isinstance(settings[name], bool):
       raise ValueError(f"{name}: expected true or false, got {settings[name]!r}")
   if isinstance(settings["seed"], bool) or not isinstance(settings["seed"], int):
     raise ValueError(f"seed: expected an integer, got {settings['seed']!r}")
-  sampling.check_settings(cfg, prompt_len,
-                          **{k: v for k, v in settings.items() if k != "seed"})
+  gen = {k: v for k, v in settings.items() if k != "seed"}
+  if cfg is not None and cfg.family == "llada2":  # block diffusion: its own rules
+    block.check_dense_only({k: v for k, v in gen.items() if k in block.DENSE_ONLY})
+    block.check_settings(  # a placeholder prompt: only its length matters here
+        cfg, np.full((1, max(prompt_len, 1)), -1), editing_threshold=None,
+        max_post_steps=None, num_to_transfer=None, return_nfe=False, kv_cache=True,
+        **{k: gen[k] for k in ("steps", "gen_length", "block_length", "temperature",
+                               "threshold", "stop_at_eos")})
+    return
+  sampling.check_settings(cfg, prompt_len, **gen)
+
+
+def stop_at(text: str, until: Sequence[str]) -> str:
+  """`text` up to the earliest occurrence of any stop sequence."""
+  cut = min((i for i in (text.find(s) for s in until if s) if i >= 0), default=len(text))
+  return text[:cut]
 
 
 def bucket_length(n: int, limit: int | None = None, floor: int = MIN_LENGTH) -> int:
