@@ -182,17 +182,34 @@ def test_bad_request_over_http_then_still_serving(client, server):
   assert [m.id for m in client.models.list().data] == [NAME]
 
 
-def test_llada2_settings_are_checked_by_family(tok):
-  """The front-end check follows the model family: a block model refuses dense-only
-  settings and takes steps that are not a multiple of the blocks."""
+def test_llada2_model_is_served(tok):
+  """A block-diffusion model (llada2) behind the same server: its family's settings
+  check (dense-only settings refused, steps per block), streamed and plain text equal
+  to generate's."""
   import llada_jax  # pylint: disable=g-import-not-at-top
-  cfg = llada_jax.load(str(ROOT / "tests/fixtures/llada2_tiny")).config
+  model = llada_jax.load(str(ROOT / "tests/fixtures/llada2_tiny"), mask_token_id=995)
+  defaults = {**DEFAULTS, "steps": 4, "block_length": 8}
+  parse = lambda body: serve.parse_request("completion", body, tok, model.config, defaults,
+                                           NAME, 16)
   with pytest.raises(serve.BadRequest, match="cfg_scale"):
-    serve.parse_request("completion", {"prompt": "x", "cfg_scale": 1.0}, tok, cfg, DEFAULTS,
-                        NAME, 16)
-  job = serve.parse_request("completion", {"prompt": "x", "steps": 3, "max_tokens": 8}, tok,
-                            cfg, DEFAULTS, NAME, 16)
-  assert (job.settings["steps"], job.settings["gen_length"]) == (3, 8)
+    parse({"prompt": "x", "cfg_scale": 1.0})
+  job = parse({"prompt": "x", "steps": 3, "max_tokens": 9})  # 3: not a multiple of 2 blocks
+  assert (job.settings["steps"], job.settings["gen_length"]) == (3, 16)
+  state = serve.Server(model, tok, defaults, NAME, window_s=0.)
+  httpd = state.http_server("127.0.0.1", 0)
+  threading.Thread(target=httpd.serve_forever, daemon=True).start()
+  try:
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1",
+                      api_key="unused", max_retries=0)
+    prompt = "Once upon a time"
+    _, text, _ = _expected(model, tok, tok.encode(prompt), steps=4, block_length=8)
+    assert c.completions.create(model=NAME, prompt=prompt).choices[0].text == text
+    chunks = c.completions.create(model=NAME, prompt=prompt, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in chunks) == text
+  finally:
+    httpd.shutdown()
+    httpd.server_close()
+    state.close()
 
 
 @pytest.mark.slow

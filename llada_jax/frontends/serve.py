@@ -186,7 +186,7 @@ def parse_request(kind: str, body: Any, tok, cfg, defaults: dict[str, Any], mode
   if model is not None and model != model_name:
     raise BadRequest(f"model: {model!r} is not served here; this server serves "
                      f"{model_name!r} (GET /v1/models)", "model")
-  prompts = chat_prompt(tok, body) if kind == "chat" else completion_prompts(tok, body)
+  prompts = [chat_prompt(tok, body)] if kind == "chat" else completion_prompts(tok, body)
   n = _get(body, "n", (int,), 1)
   if not 1 <= n <= batch_size:
     raise BadRequest(f"n: expected 1 <= n <= {batch_size} (the server's --batch_size), "
