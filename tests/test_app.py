@@ -84,7 +84,9 @@ def test_demo_in_a_headless_browser(fixture_dir):
       page.goto(url)
       page.locator("#message textarea").fill("What is a list?")
       page.locator("#send").click()
+      # The panel fills a block (4 steps) at a time, then the status shows the turn done.
       page.wait_for_selector("#frames .llada-frame", state="attached", timeout=120_000)
+      page.wait_for_selector("#status :text('tokens in')", timeout=120_000)
       assert page.locator("#frames .llada-frame").count() == steps
       assert page.locator("#chatbot").inner_text().count("What is a list?") == 1
       # the replay runs through every frame and ends on the last one alone

@@ -123,3 +123,21 @@ def test_terminal_session(fixture_dir):
   finally:
     term.close()
   assert term.exitstatus == 0, term.before
+
+
+def test_answer_streams_block_by_block(tiny_model, fixture_dir):
+  """A turn yields the committed text after each of its blocks (growing prefixes of
+  the answer), then the Reply, whose text the terminal has printed by then."""
+  tok = load_tokenizer(fixture_dir)
+  settings = _settings(gen_length=16, steps=8, block_length=4)
+  items = list(chat.Conversation(tiny_model, tok, settings).stream("def f(x):", trace=True))
+  *partials, reply = items
+  assert len(partials) == 4 and isinstance(reply, chat.Reply)
+  assert [len(p.trace.canvas_SBL) for p in partials] == [2, 4, 6, 8]  # steps so far
+  texts = [p.text for p in partials]
+  assert all(b.startswith(a) for a, b in zip(texts, texts[1:])) and texts[-1] == reply.text
+  assert reply.text == chat.Conversation(tiny_model, tok, settings).reply("def f(x):").text
+  printed = []
+  again = chat._print_turn(chat.Conversation(tiny_model, tok, settings).stream("def f(x):"),
+                           printed.append)
+  assert "".join(printed) == "LLaDA: " + again.text and len(printed) >= 2

@@ -54,12 +54,17 @@ def client(server):
   return openai.OpenAI(base_url=server[1], api_key="unused", max_retries=0)
 
 
-def _expected(model, tok, ids, **changes):
-  """generate's tokens for one prompt and the text the server should return."""
+def _expected(model, tok, ids, padded=True, **changes):
+  """generate's tokens for one prompt (padded as the server pads a one-row call, so
+  that no new program compiles; padding changes no token) and the text the server
+  should return."""
   args = {**DEFAULTS, **changes}
   seed = args.pop("seed")
-  out = np.asarray(sampling.generate(model, np.asarray(ids), rng=jax.random.key(seed),
-                                     **args))[len(ids):]
+  length = settings_lib.bucket_length(
+      len(ids), model.config.max_sequence_length - args["gen_length"]) if padded else len(ids)
+  ids_BL, mask_BL = settings_lib.left_pad([ids], length, tok.pad_id)
+  out = np.asarray(sampling.generate(model, ids_BL, mask_BL, rng=jax.random.key(seed),
+                                     **args))[0, length:]
   stop_ids = {model.config.eos_token_id, tok.eot_id}
   ends = [i for i, t in enumerate(out.tolist()) if t in stop_ids]
   return out, tok.decode(out[:ends[0]] if ends else out), (ends[0] if ends else len(out))
@@ -72,7 +77,7 @@ def _models(base_url):
 
 def test_chat_and_completion_equal_generate(client, tiny_model, tok):
   messages = [{"role": "user", "content": "Hello there"}]
-  _, text, n = _expected(tiny_model, tok, tok.apply_chat_template(messages))
+  _, text, n = _expected(tiny_model, tok, tok.apply_chat_template(messages), padded=False)
   r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=16)
   assert r.object == "chat.completion" and r.model == NAME
   assert r.choices[0].message.role == "assistant"
@@ -182,12 +187,14 @@ def test_bad_request_over_http_then_still_serving(client, server):
   assert [m.id for m in client.models.list().data] == [NAME]
 
 
+@pytest.mark.slow
 def test_llada2_model_is_served(tok):
   """A block-diffusion model (llada2) behind the same server: its family's settings
   check (dense-only settings refused, steps per block), streamed and plain text equal
   to generate's."""
   import llada_jax  # pylint: disable=g-import-not-at-top
-  model = llada_jax.load(str(ROOT / "tests/fixtures/llada2_tiny"), mask_token_id=995)
+  model = llada_jax.load(str(ROOT / "tests/fixtures/llada2_tiny"), mask_token_id=995,
+                         moe_impl="dense")
   defaults = {**DEFAULTS, "steps": 4, "block_length": 8}
   parse = lambda body: serve.parse_request("completion", body, tok, model.config, defaults,
                                            NAME, 16)
@@ -231,3 +238,21 @@ def test_command_line_server(fixture_dir):
   finally:
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def test_stream_steps_sends_a_chunk_per_step(tiny_model, tok):
+  """With stream_steps the deltas follow each denoising step (at most 8 here) and
+  still add up to the non-streamed text."""
+  batcher = serve.Batcher(tiny_model, tok, window_s=0., stream_steps=True)
+  try:
+    def run(stream):
+      job = serve.parse_request("completion", {"prompt": "Once upon a time", "stream": stream},
+                                tok, tiny_model.config, DEFAULTS, NAME, 16)
+      batcher.submit(job)
+      events = iter(job.events.get, ("done", None, None))
+      return [value for kind, _, value in events if kind == "delta"], job.choices[0].text
+    deltas, text = run(True)
+    assert "".join(deltas) == text == run(False)[1]
+    assert 1 <= len(deltas) <= 8
+  finally:
+    batcher.close()

@@ -2,8 +2,9 @@
 
   python -m llada_jax.app --checkpoint DIR [--host 127.0.0.1] [--port 7860] [sampler flags]
 
-Each answer is sampled once with `generate(..., trace=True)`; the animation
-replays that trace: masked positions grey, the tokens a step reveals coloured
+Each answer is sampled once with `generate_stream(..., trace=True)`: the chat
+and the denoising panel update as each block commits; the animation then
+replays the whole trace: masked positions grey, the tokens a step reveals coloured
 by their confidence (< 0.3 red, < 0.7 orange, else green), earlier ones blue.
 It plays once after each answer ("Replay" plays it again) and the step slider
 scrubs through the frames. "Fixed words" puts words at
@@ -91,18 +92,21 @@ def build(model, tok, settings: dict[str, Any]) -> gr.Blocks:
         "cfg_scale": float(cfg_scale), "remasking": remasking})
     conv.history, conv.turns = list(history), int(turns)
     conv.too_long_hint = "Press Reset to start over, or lower gen_length."
+    asked = list(messages) + [{"role": "user", "content": message}]
     try:
       constraints = parse_constraints(fixed_words or "", tok, int(gen_length))
-      reply = conv.reply(message, trace=True, constraints=constraints or None)
+      for item in conv.stream(message, trace=True, constraints=constraints or None):
+        n = len(item.trace.canvas_SBL)
+        shown = asked + [{"role": "assistant", "content": item.text}]
+        frames = frames_html(item.trace, tok, cfg.mask_token_id, n)
+        if isinstance(item, chat.Partial):  # a block committed: show it
+          yield ("", shown, gr.update(), gr.update(), frames, gr.update(maximum=n, value=n),
+                 gr.update(), f"denoising: {n} steps so far")
     except ValueError as e:
       raise gr.Error(str(e)) from e
-    n = len(reply.trace.canvas_SBL)
-    messages = list(messages) + [{"role": "user", "content": message},
-                                 {"role": "assistant", "content": reply.text}]
-    return ("", messages, conv.history, conv.turns, frames_html(reply.trace, tok,
-            cfg.mask_token_id, n), gr.update(maximum=n, value=n), reply.trace,
-            f"{reply.new_tokens} tokens in {reply.seconds:.1f} s, {n} steps; history "
-            f"{len(conv.history)}/{limit} tokens")
+    yield ("", shown, conv.history, conv.turns, frames, gr.update(maximum=n, value=n),
+           item.trace, f"{item.new_tokens} tokens in {item.seconds:.1f} s, {n} steps; "
+           f"history {len(conv.history)}/{limit} tokens")
 
   def scrub(step, trace):
     if trace is None:

@@ -7,7 +7,9 @@ leading BOS and are appended to the history, which is the previous prompt plus
 answer with every EOS removed (EoT kept). Chat defaults as the reference:
 gen_length = steps = 128, block_length 32; the sampler flags every front end
 has (`settings.add_sampler_flags`) change them, and so does `/set` between
-turns. Commands: /set name=value ..., /settings, /reset, /quit, /help.
+turns. Commands: /set name=value ..., /settings, /reset, /quit, /help. The
+answer is printed as its blocks commit (`generate_stream`: one compiled call a
+block; the tokens are `generate`'s).
 
 The prompt is left-padded (with an attention mask) to the front ends' bucket
 length (`settings.bucket_length`: the next power of two, here at least 64,
@@ -107,6 +109,13 @@ class Reply:
   #   canvas_SBL [steps, 1, gen_length], confidence_BL / step_BL [1, gen_length]
 
 
+@dataclasses.dataclass
+class Partial:
+  """A turn so far, after a committed block."""
+  text: str  # the answer's committed blocks
+  trace: sampling.Trace | None = None  # with trace=True: the steps so far (as Reply's)
+
+
 class Conversation:
   """The chat state: token history, sampler settings and the turn counter."""
 
@@ -127,10 +136,12 @@ class Conversation:
     ids = self.tok.apply_chat_template([{"role": "user", "content": message}])
     return ids if not self.history else self.history + ids[1:]
 
-  def reply(self, message: str, trace: bool = False,
-            constraints: dict[int, int] | None = None) -> Reply:
-    """Runs one turn (with generate's `trace` and `constraints`). ValueError (history
-    unchanged) when the prompt plus gen_length does not fit the model's context."""
+  def stream(self, message: str, trace: bool = False,
+             constraints: dict[int, int] | None = None) -> Iterator[Partial | Reply]:
+    """One turn (with generate's `trace` and `constraints`), a block at a time
+    (`generate_stream`): yields a `Partial` after every committed block, then the
+    `Reply`. ValueError (history unchanged) before any block when the prompt plus
+    gen_length does not fit the model's context."""
     prompt = self.prompt_for(message)
     settings = dict(self.settings)
     seed, gen_length = settings.pop("seed"), settings["gen_length"]
@@ -146,27 +157,61 @@ class Conversation:
     rng = jax.random.fold_in(jax.random.key(seed), self.turns)
     start = time.perf_counter()
     with count_compiles() as compiles:
-      out = sampling.generate(self.model, ids, mask, rng=rng, trace=trace,
-                              constraints=constraints, **settings)
-      tr = None
-      if trace:
-        out, tr = out
-        tr = sampling.Trace(*(np.asarray(a)[..., bucket:] for a in tr))
-      out = np.asarray(out)[0]
+      for out in sampling.generate_stream(self.model, ids, mask, rng=rng, trace=trace,
+                                          constraints=constraints, return_nfe=True,
+                                          **settings):
+        canvas, tr, steps = out if trace else (out[0], None, out[1])
+        if tr is not None:  # the steps run so far
+          tr = sampling.Trace(np.asarray(tr.canvas_SBL)[:steps, ..., bucket:],
+                              *(np.asarray(a)[..., bucket:] for a in tr[1:]))
+        answer = np.asarray(canvas)[0, bucket:]
+        masked = np.flatnonzero(answer == self.cfg.mask_token_id)
+        yield Partial(self.tok.decode(answer[:masked[0]] if masked.size else answer), tr)
     seconds = time.perf_counter() - start
-    answer = out[bucket:]
     self.history = next_history(list(prompt) + answer.tolist(), self.cfg.eos_token_id)
     self.turns += 1
-    return Reply(self.tok.decode(answer), len(answer), len(prompt), bucket, seconds, compiles,
-                 answer, tr)
+    if tr is not None:  # every step row, as generate's trace (rows after the last repeat it)
+      tr = sampling.Trace(np.asarray(out[1].canvas_SBL)[..., bucket:], *tr[1:])
+    yield Reply(self.tok.decode(answer), len(answer), len(prompt), bucket, seconds, compiles,
+                answer, tr)
+
+  def reply(self, message: str, trace: bool = False,
+            constraints: dict[int, int] | None = None) -> Reply:
+    """One whole turn: `stream`'s Reply."""
+    *_, reply = self.stream(message, trace, constraints)
+    return reply
 
 
 def _show_settings(settings: dict[str, Any]) -> str:
   return " ".join(f"{k}={v}" for k, v in sorted(settings.items()))
 
 
-def run(conv: Conversation, read=input, write=print) -> None:
-  """The read-reply loop until /quit or end of input."""
+def _write_out(text: str) -> None:
+  sys.stdout.write(text)
+  sys.stdout.flush()
+
+
+def _print_turn(turn: Iterator[Partial | Reply], write_partial) -> Reply:
+  """Prints `LLaDA: ` and the answer as its blocks commit -> the turn's Reply."""
+  shown = None
+  for item in turn:
+    if isinstance(item, Reply):
+      rest = item.text[len(shown or ""):] if item.text.startswith(shown or "") else (
+          "\n" + item.text)  # a decode that changed as tokens joined: the whole answer
+      write_partial(("LLaDA: " if shown is None else "") + rest)
+      return item
+    if shown is None:
+      write_partial("LLaDA: ")
+      shown = ""
+    if item.text.startswith(shown):
+      write_partial(item.text[len(shown):])
+      shown = item.text
+  raise AssertionError("a turn ends with its Reply")
+
+
+def run(conv: Conversation, read=input, write=print, write_partial=_write_out) -> None:
+  """The read-reply loop until /quit or end of input; answers are printed
+  (`write_partial`, no newline) as their blocks commit."""
   write(f"LLaDA chat ({conv.cfg.max_sequence_length}-token context). /help for commands.")
   write(f"settings: {_show_settings(conv.settings)}")
   while True:
@@ -197,11 +242,11 @@ def run(conv: Conversation, read=input, write=print) -> None:
       write(f"error: unknown command {command}\n{HELP}")
     else:
       try:
-        r = conv.reply(line)
+        r = _print_turn(conv.stream(line), write_partial)
       except ValueError as e:
         write(f"error: {e}")
         continue
-      write(f"LLaDA: {r.text}")
+      write("")
       write(f"[{r.new_tokens} tokens in {r.seconds:.1f} s; history {len(conv.history)}/"
             f"{conv.cfg.max_sequence_length} tokens; prompt bucket {r.bucket}; "
             f"compiled {len(r.compiles)} programs in {sum(t for _, t in r.compiles):.1f} s]")

@@ -331,13 +331,13 @@ class Batcher:
     if any(job.stream for job, _ in rows):
       steps = self.stream_steps and self.model.config.family != "llada2"
       canvases = sampling.generate_stream(self.model, ids, mask, rng=jax.random.key(seed),
-                                          trace=steps, **settings)
-      seen = 0  # steps reported (the trace holds every step so far)
+                                          trace=steps, return_nfe=steps, **settings)
+      seen = 0  # steps reported
       for out in canvases:
-        for canvas in (out[1].canvas_SBL[seen:] if steps else [out]):
-          self._report(canvas, length, rows, final=False)
-        seen = len(out[1].canvas_SBL) if steps else 0
-      canvas = out[0] if steps else out
+        canvas = out[0] if steps else out
+        for step_canvas in (out[1].canvas_SBL[seen:out[2]] if steps else [canvas]):
+          self._report(step_canvas, length, rows, final=False)
+        seen = out[2] if steps else 0
     else:
       canvas = np.asarray(sampling.generate(self.model, ids, mask, rng=jax.random.key(seed),
                                             **settings))
