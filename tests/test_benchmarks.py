@@ -43,5 +43,16 @@ def test_chat_benchmark_counts_compilations(fixture_dir):
   result = chat.run(fixture_dir, turns=3, max_sequence_length=1000, gen_length=16, steps=8,
                     block_length=8)
   assert [r["bucket"] for r in result["per_turn"]] == [64, 64, 128]
-  assert result["sampler_compiles"] == 2  # one per bucket: turn 2 reuses turn 1's program
+  # Two per bucket (the stream's start and block programs): turn 2 reuses turn 1's.
+  assert result["sampler_compiles"] == 4
   assert result["per_turn"][1]["compiles"] == 0
+
+
+def test_serve_benchmark_batches_concurrent_clients(fixture_dir):
+  from benchmarks import serve  # pylint: disable=g-import-not-at-top
+  result = serve.run(fixture_dir, clients=[1, 2], requests_per_client=1, repeats=1,
+                     batch_size=2, batch_window_ms=200, gen_length=4, steps=2, block_length=2)
+  one, two = result["results"]
+  assert one["rows_per_call"] == 1 and two["rows_per_call"] == 2  # the pair shared a call
+  assert two["requests"] == 2 and two["requests_per_s"] > 0
+  assert two["seconds"]["min"] <= two["seconds"]["median"] <= two["seconds"]["max"]
