@@ -74,8 +74,9 @@ def warm_up(model, tok, texts: list[str], settings: dict, batch_size: int) -> No
   for length, ids in by_length.items():
     rows = 1
     while True:
-      prompt, mask = settings_lib.left_pad([ids] * rows, length, tok.pad_id)
-      np.asarray(sampling.generate(model, prompt, mask, rng=seed, **settings))
+      prompt, _ = settings_lib.left_pad([ids] * rows, length, tok.pad_id)
+      mask = (prompt != tok.pad_id) | (np.arange(length) >= length - len(ids))
+      np.asarray(sampling.generate(model, prompt, mask.astype(np.int32), rng=seed, **settings))
       if rows >= batch_size:
         break
       rows = settings_lib.bucket_rows(rows * 2, batch_size)
