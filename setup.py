@@ -26,9 +26,11 @@ EXTRAS = {
     "hf": ["torch==2.13.0", "transformers>=4.46"],
     "eval": ["lm-eval==0.4.13"],
     "app": ["gradio>=5"],
-    # OpenCompass pins numpy<2 and pulls torch and its CUDA wheels (several GB): its own
-    # environment, not the test one.
-    "opencompass": ["opencompass>=0.5,<0.6", "lm-eval==0.4.13"],
+    # opencompass 0.5.x itself declares numpy<2, which jax 0.10 (numpy>=2) excludes, so
+    # pip cannot resolve both: this extra holds its base, then
+    # `pip install --no-deps "opencompass>=0.5,<0.6"` (docs/evaluation.md).
+    "opencompass": ["lm-eval==0.4.13", "mmengine-lite==0.11.0rc3", "torch==2.13.0",
+                    "datasets>=2.12,<4"],
     "tpu": ["jax[tpu]==0.10.2"],
     "test": ["pytest>=8", "pytest-timeout", "lm-eval==0.4.13", "nbclient>=0.10",
              "nbformat>=5.10", "ipykernel>=6.29", "pexpect>=4.8", "gradio>=5",
