@@ -491,7 +491,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     created = int(time.time())
     state.batcher.submit(job)
     if job.stream:
-      self._stream(job, rid, created)
+      try:
+        self._stream(job, rid, created)
+      except (BrokenPipeError, ConnectionResetError):
+        log.info("a client left while its completion streamed")
       return
     event = _wait_done(job)
     if event is not None:
