@@ -41,6 +41,23 @@ def test_check_settings(tiny_model):
     settings.check_settings(ok, tiny_model.config, 512 - ok["gen_length"] + 1)
 
 
+def test_check_settings_follows_the_model_family(tiny_model):
+  """A block-diffusion (llada2) config gets its sampler's rules: dense-only settings
+  refused, steps per block (no multiple of the blocks needed)."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from llada_jax.checkpoints import layout  # pylint: disable=g-import-not-at-top
+  cfg = layout.read_config(str(pathlib.Path(__file__).parent / "fixtures" / "llada2_tiny"),
+                           mask_token_id=995)
+  ok = {**settings.SAMPLER_ARGS, "seed": 0, "gen_length": 16, "block_length": 8, "steps": 3}
+  settings.check_settings(ok, cfg, 4)
+  with pytest.raises(ValueError, match="multiple of the number of blocks"):
+    settings.check_settings(ok, tiny_model.config, 4)
+  with pytest.raises(ValueError, match="cfg_scale: .*block-diffusion"):
+    settings.check_settings({**ok, "cfg_scale": 1.0}, cfg, 4)
+  with pytest.raises(ValueError, match="max_sequence_length=512"):
+    settings.check_settings(ok, cfg, 500)
+
+
 def test_bucket_length():
   assert [settings.bucket_length(n) for n in (1, 16, 17, 33, 64, 65, 100, 129, 4000)] == \
       [16, 16, 32, 64, 64, 128, 128, 256, 4096]
