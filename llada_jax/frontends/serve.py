@@ -383,13 +383,9 @@ class Server:
 
   def http_server(self, host: str = "127.0.0.1", port: int = 8000
                   ) -> http.server.ThreadingHTTPServer:
-    server = self
-
-    class Handler(_Handler):
-      pass
-
-    Handler.server_state = server
-    httpd = http.server.ThreadingHTTPServer((host, port), Handler)
+    """A threading HTTP server (not yet serving) of this Server's endpoints."""
+    handler = type("Handler", (_Handler,), {"server_state": self})
+    httpd = http.server.ThreadingHTTPServer((host, port), handler)
     httpd.daemon_threads = True
     return httpd
 
