@@ -278,9 +278,12 @@ class AppendFile:
     else:
       self._file.write(text)
 
-  def flush(self) -> None:
+  def flush(self, durable: bool = False) -> None:
+    """Writes out the lines so far (`durable`: also fsync a local file)."""
     if not self.remote:
       self._file.flush()
+      if durable:
+        os.fsync(self._file.fileno())
     elif self._dirty:
       write_text(self.path, self._text.getvalue())
       self._dirty = False
