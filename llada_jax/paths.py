@@ -156,8 +156,7 @@ def create_exclusive(path, text: str) -> bool:
   try:
     import fsspec  # pylint: disable=g-import-not-at-top  (epath has no "x" mode)
     fs, where = fsspec.core.url_to_fs(os.fspath(path))
-    with fs.open(where, "xb") as f:
-      f.write(text.encode())
+    fs.pipe_file(where, text.encode(), mode="create")  # one upload, ifGenerationMatch=0
   except FileExistsError:
     return False
   except OSError as e:  # gcsfs: HTTP 412 precondition failed

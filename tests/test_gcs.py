@@ -58,8 +58,7 @@ def test_files_round_trip(root):
 def test_exclusive_create_and_append(root):
   lock = os.path.join(root, "lock")
   assert paths.create_exclusive(lock, "me")
-  if not paths.is_remote(root):  # the emulator ignores ifGenerationMatch (gcs_emulator.py)
-    assert not paths.create_exclusive(lock, "you")
+  assert not paths.create_exclusive(lock, "you")
   assert paths.read_text(lock) == "me"
   log = os.path.join(root, "metrics.jsonl")
   for rows in (["1\n", "2\n"], ["3\n"]):  # a run, then a resumed one
