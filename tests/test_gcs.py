@@ -85,6 +85,15 @@ def test_tree_moves_and_local_copy(root):
   assert not paths.exists(dst)
 
 
+def test_unfinished_steps_in_a_bucket_are_not_steps(bucket):
+  """Orbax writes a step in place on GCS and marks it finished last."""
+  from llada_jax.checkpoints import layout  # pylint: disable=g-import-not-at-top
+  ckpts = f"{bucket}/steps/checkpoints"
+  paths.write_text(f"{ckpts}/2/params/_METADATA", "{}")  # being written
+  paths.write_text(f"{ckpts}/4/{layout.COMMIT_SUCCESS}", "")
+  assert layout.step_dirs(ckpts) == [f"{ckpts}/4"]
+
+
 def test_url_forms():
   assert paths.is_remote("gs://b/x") and not paths.is_remote("/x") and not paths.is_remote("x")
   assert paths.absolute("gs://b/x/") == "gs://b/x"

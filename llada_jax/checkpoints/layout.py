@@ -7,6 +7,8 @@
   workdir       config.json, tokenizer files, train_config.json,
                 `checkpoints/<step>/{params,opt_state,data,meta}` (an Orbax
                 CheckpointManager directory), metrics.jsonl, tensorboard/.
+
+Any of them may lie in a bucket (`gs://...`; file operations: `llada_jax/paths.py`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
 PYTREE_METADATA = "_METADATA"  # Orbax's pytree metadata file
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"  # Orbax's per-checkpoint json (custom_metadata)
+COMMIT_SUCCESS = "commit_success.txt"  # Orbax's mark of a finished step on an object store
 # What the converters write into an output directory: the entries a directory
 # may hold for `--overwrite` to replace it.
 SAFETENSORS_NAME = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
@@ -98,14 +101,18 @@ def step_dirs(checkpoints_dir: str) -> list[str]:
   """Finalized step directories of a CheckpointManager directory, newest first.
 
   Orbax writes a step under a temporary name and renames it to the bare step
-  number when complete, so the numbered directories are the finished steps.
+  number when complete, so the numbered directories are the finished steps;
+  on an object store (no rename) it writes in place and marks a finished step
+  with COMMIT_SUCCESS.
   """
   try:
     names = paths.listdir(checkpoints_dir)
   except FileNotFoundError:
     return []
+  done = ((lambda d: paths.exists(os.path.join(d, COMMIT_SUCCESS)))
+          if paths.is_remote(checkpoints_dir) else paths.isdir)
   steps = sorted((int(n) for n in names if n.isdigit()
-                  and paths.isdir(os.path.join(checkpoints_dir, n))), reverse=True)
+                  and done(os.path.join(checkpoints_dir, n))), reverse=True)
   return [os.path.join(paths.absolute(checkpoints_dir), str(s)) for s in steps]
 
 
