@@ -125,6 +125,7 @@ def run_file(model, tok: Tokenizer, input_path: str, output_path: str, *, batch_
     for b, batch in enumerate(_batches(todo, batch_size)):
       for req, text in zip(batch, generate_batch(model, tok, batch, batch_size, b)):
         out.add(req.index, {**req.record, "completion": text})
+      out.sync()
       bar.update(len(batch))
   return {"written": out.close(), "bad_lines": bad, "resumed": len(requests) - len(todo)}
 

@@ -7,8 +7,8 @@ partial file. A rerun with `--resume` reads the partial file (or a complete
 OUTPUT) and skips the requests already answered. A request is known by its
 input object (and its occurrence, for repeated lines), not its line number,
 so a resumed run never pairs a completion with a different prompt.
-OUTPUT may be a URL (gs://...): the partial object is rewritten after each
-completion (objects cannot be appended to; `paths.AppendFile`).
+OUTPUT may be a URL (gs://...): objects cannot be appended to, so there the
+partial object is rewritten whole at each `sync` (after each batch).
 """
 
 from __future__ import annotations
@@ -84,9 +84,15 @@ class CompletionFile:
     if from_output:  # so that a crash from here on still keeps them
       for key, record in self.done.items():
         self._append(key, record)
+      self.sync()
 
   def _append(self, key: str, record: dict) -> None:
     self._file.write(json.dumps({"key": key, "record": record}, ensure_ascii=False) + "\n")
+    if not self._file.remote:
+      self._file.flush(durable=True)
+
+  def sync(self) -> None:
+    """Puts every completion so far in the partial file (a URL's is rewritten)."""
     self._file.flush(durable=True)
 
   def finished(self, index: int) -> bool:
