@@ -4,7 +4,8 @@ The path layer is checked on a local directory and on a GCS emulator
 (tests/gcs_emulator.py, started and stopped here on a free loopback port);
 the slow test runs the whole round on the emulator: convert the fixture into
 the bucket, train with data, init_from and the workdir there, kill -9 and
-resume, then load and sample (prompts and completions in the bucket too).
+resume, then load, export to safetensors in the bucket and load that, and
+sample (prompts and completions in the bucket too).
 """
 
 import json
@@ -106,7 +107,7 @@ def test_url_forms():
 def test_convert_train_kill_resume_load_sample_in_a_bucket(bucket, fixture_dir, tmp_path,
                                                            capsys):
   import llada_jax  # pylint: disable=g-import-not-at-top
-  from llada_jax.convert import hf_to_orbax  # pylint: disable=g-import-not-at-top
+  from llada_jax.convert import hf_to_orbax, orbax_to_hf  # pylint: disable=g-import-not-at-top
   from llada_jax.frontends import cli as sample  # pylint: disable=g-import-not-at-top
   from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
 
@@ -135,6 +136,11 @@ def test_convert_train_kill_resume_load_sample_in_a_bucket(bucket, fixture_dir, 
   assert tuned.config == base.config
   moved = np.abs(np.asarray(tuned.wte[...]) - np.asarray(base.wte[...])).max()
   assert 0 < moved < 0.1, moved
+  exported = f"{bucket}/llada_tiny_tuned_hf"  # safetensors written to, then read from, the bucket
+  orbax_to_hf.convert(workdir, exported, progress=False)
+  ids = np.arange(1, 17)[None]
+  np.testing.assert_array_equal(np.asarray(llada_jax.load(exported)(ids)),
+                                np.asarray(tuned(ids)))
   prompts, completions = f"{bucket}/prompts.jsonl", f"{bucket}/out/completions.jsonl"
   paths.write_text(prompts, "".join(json.dumps({"prompt": p}) + "\n" for p in ("The", "A")))
   assert sample.main(["--checkpoint", workdir, "--input", prompts, "--output", completions,
