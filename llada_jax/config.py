@@ -14,6 +14,8 @@ import numbers
 import os
 from typing import Any, Mapping
 
+from llada_jax import paths
+
 # LLaDA's own 126,464-token vocabulary: its default ids (SPEC §2; the released config.json
 # lacks BOS and EoT). Used only when the vocabulary is that one.
 LLADA_VOCAB_SIZE = 126464
@@ -368,9 +370,9 @@ def _check_types(cfg: "ModelConfig") -> None:
 def read_hf_config(model_dir: str) -> dict[str, Any]:
   """The JSON object of `model_dir/config.json` (ValueError naming the file if it is not one)."""
   path = os.path.join(model_dir, "config.json")
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"{path}: no config.json in the model directory")
-  with open(path, encoding="utf-8") as f:
+  with paths.open(path, encoding="utf-8") as f:
     try:
       hf = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -384,13 +386,13 @@ def tokenizer_special_ids(model_dir: str) -> dict[str, int]:
   """Special-token ids found in `tokenizer.json` / `tokenizer_config.json`."""
   by_content: dict[str, int] = {}
   tok_json = os.path.join(model_dir, "tokenizer.json")
-  if os.path.exists(tok_json):
-    with open(tok_json) as f:
+  if paths.exists(tok_json):
+    with paths.open(tok_json, encoding="utf-8") as f:
       for tok in json.load(f).get("added_tokens", []):
         by_content[tok["content"]] = tok["id"]
   tok_cfg, named = os.path.join(model_dir, "tokenizer_config.json"), {}
-  if os.path.exists(tok_cfg):
-    with open(tok_cfg) as f:
+  if paths.exists(tok_cfg):
+    with paths.open(tok_cfg, encoding="utf-8") as f:
       tok_config = json.load(f)
     for tid, tok in tok_config.get("added_tokens_decoder", {}).items():
       by_content.setdefault(tok["content"], int(tid))

@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Iterable, Iterator, Sequence
 
+from llada_jax import paths
 from llada_jax.config import SPECIAL_TOKENS
 
 # Fixed ids of a SentencePiece model trained here. EOS is also the padding id.
@@ -212,8 +213,21 @@ def _pad_token_from_config(directory: str) -> str | None:
   return pad.get("content") if isinstance(pad, dict) else pad
 
 
+# The files a tokenizer is read from (copied to a local temp directory from a URL).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
 def load_tokenizer(path: str) -> Tokenizer:
-  """A model/tokenizer directory (tokenizer.json preferred, else tokenizer.model) or either file."""
+  """A model/tokenizer directory (tokenizer.json preferred, else tokenizer.model) or
+  either file; a URL (gs://...) too."""
+  if paths.is_remote(path):
+    if not paths.exists(path):
+      raise FileNotFoundError(f"{path}: no such tokenizer file or directory")
+    directory, name = (path, None) if paths.isdir(path) else os.path.split(path)
+    with paths.local_copy(directory, TOKENIZER_FILES) as local:
+      tok = load_tokenizer(local if name is None else os.path.join(local, name))
+    tok.path = os.path.join(directory, os.path.basename(tok.path))  # its source, not the copy
+    return tok
   if os.path.isdir(path):
     for name, cls in (("tokenizer.json", HFTokenizer), ("tokenizer.model", SentencePieceTokenizer)):
       if os.path.exists(os.path.join(path, name)):

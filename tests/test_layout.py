@@ -20,7 +20,7 @@ FORBIDDEN = {
     "convert": ("sampling", "training", "frontends"),
     "training": ("frontends", "convert"),
 }
-CORE = ("config.py", "sharding.py", "tokenizer.py")
+CORE = ("config.py", "sharding.py", "tokenizer.py", "paths.py")
 
 
 def _part(path: pathlib.Path) -> str | None:

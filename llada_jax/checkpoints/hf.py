@@ -24,6 +24,7 @@ from typing import Iterator
 import ml_dtypes  # noqa: F401  (registers bfloat16 for numpy; safetensors needs it)
 import numpy as np
 
+from llada_jax import paths
 from llada_jax.checkpoints import integrity
 from llada_jax.config import ModelConfig
 from llada_jax.layers.params import ParamSpec
@@ -79,8 +80,8 @@ def read_safetensors_header(path: str) -> tuple[int, dict[str, tuple[str, tuple[
   """
   def bad(why):
     return ValueError(f"{path}: not a valid safetensors file ({why})")
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
+  size = paths.getsize(path)
+  with paths.open(path, "rb") as f:
     head = f.read(8)
     if len(head) < 8:
       raise bad(f"{size} bytes, too short for a header")
@@ -164,12 +165,12 @@ class TensorSource:
     return DTYPE_NAMES.get(kinds[0], kinds[0])
 
   def nbytes(self) -> int:
-    return sum(os.path.getsize(os.path.join(self.model_dir, f))
+    return sum(paths.getsize(os.path.join(self.model_dir, f))
                for f in set(self.file_of.values()))
 
 
 def _weight_map(index_path: str) -> dict[str, str]:
-  with open(index_path) as f:
+  with paths.open(index_path) as f:
     try:
       return json.load(f)["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -181,16 +182,17 @@ class SafetensorsReader(TensorSource):
 
   Construction validates the index and every header (each shard the index
   names exists and is intact); `get` reads one tensor with plain file reads
-  (no memory map, so resident memory holds only the tensors in use).
+  (no memory map, so resident memory holds only the tensors in use; from a
+  URL each tensor is one ranged read).
   """
 
   def __init__(self, model_dir: str):
     self.model_dir = model_dir
     index_path = os.path.join(model_dir, INDEX_FILE)
     single_path = os.path.join(model_dir, SINGLE_FILE)
-    if os.path.exists(index_path):
+    if paths.exists(index_path):
       weight_map = _weight_map(index_path)
-    elif os.path.exists(single_path):
+    elif paths.exists(single_path):
       weight_map = None
     else:
       raise FileNotFoundError(
@@ -201,7 +203,7 @@ class SafetensorsReader(TensorSource):
     files = sorted(set(weight_map.values())) if weight_map else [SINGLE_FILE]
     for fname in files:
       path = os.path.join(model_dir, fname)
-      if not os.path.exists(path):
+      if not paths.exists(path):
         raise FileNotFoundError(f"{INDEX_FILE} names shard {fname}, which does not exist "
                                 f"in {model_dir}")
       start, tensors = read_safetensors_header(path)
@@ -220,7 +222,7 @@ class SafetensorsReader(TensorSource):
     path = os.path.join(self.model_dir, self.file_of[name])
     offset, nbytes = self._where[name]
     out = np.empty(self.shapes[name], ST_DTYPES[self.dtypes[name]])
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
       f.seek(offset)
       got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
     if got != nbytes:
@@ -249,14 +251,14 @@ class TorchBinReader(TensorSource):
     self._torch = torch
     self.model_dir = model_dir
     index_path = os.path.join(model_dir, BIN_INDEX_FILE)
-    if os.path.exists(index_path):
+    if paths.exists(index_path):
       files = sorted(set(_weight_map(index_path).values()))
     else:
       files = [BIN_SINGLE_FILE]
     self.shapes, self.dtypes, self.file_of = {}, {}, {}
     self._open_name, self._open_dict = None, None
     for fname in files:
-      if not os.path.exists(os.path.join(model_dir, fname)):
+      if not paths.exists(os.path.join(model_dir, fname)):
         raise FileNotFoundError(f"{BIN_INDEX_FILE} names shard {fname}, which does not "
                                 f"exist in {model_dir}")
       for name, t in self._shard(fname).items():
@@ -270,8 +272,12 @@ class TorchBinReader(TensorSource):
       path = os.path.join(self.model_dir, fname)
       self._open_dict = None
       try:
-        self._open_dict = self._torch.load(path, map_location="cpu", weights_only=True,
-                                           mmap=True)
+        if paths.is_remote(path):  # read whole (mmap needs a local file)
+          with paths.open(path, "rb") as f:
+            self._open_dict = self._torch.load(f, map_location="cpu", weights_only=True)
+        else:
+          self._open_dict = self._torch.load(path, map_location="cpu", weights_only=True,
+                                             mmap=True)
       except Exception as e:  # pylint: disable=broad-except
         raise ValueError(f"{path}: unreadable PyTorch checkpoint ({e})") from e
       self._open_name = fname
@@ -286,9 +292,9 @@ class TorchBinReader(TensorSource):
 
 def open_reader(model_dir: str) -> TensorSource:
   """The reader for a snapshot: safetensors if present, else PyTorch `.bin`."""
-  has_bin = any(os.path.exists(os.path.join(model_dir, f))
+  has_bin = any(paths.exists(os.path.join(model_dir, f))
                 for f in (BIN_INDEX_FILE, BIN_SINGLE_FILE))
-  has_st = any(os.path.exists(os.path.join(model_dir, f)) for f in (INDEX_FILE, SINGLE_FILE))
+  has_st = any(paths.exists(os.path.join(model_dir, f)) for f in (INDEX_FILE, SINGLE_FILE))
   if has_bin and not has_st:
     return TorchBinReader(model_dir)
   return SafetensorsReader(model_dir)
@@ -361,7 +367,7 @@ class SafetensorsShardWriter:
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    self._handle = open(os.path.join(self.out_dir, self.files[shard]), "wb")
+    self._handle = paths.open(os.path.join(self.out_dir, self.files[shard]), "wb")
     self._handle.write(len(raw).to_bytes(8, "little") + raw)
 
   def write(self, name: str, w: np.ndarray) -> None:
@@ -389,7 +395,7 @@ class SafetensorsShardWriter:
     if len(self.files) > 1:
       index = {"metadata": {"total_size": self.total_size},
                "weight_map": {name: f for f, name in self._order}}
-      with open(os.path.join(self.out_dir, INDEX_FILE), "w") as f:
+      with paths.open(os.path.join(self.out_dir, INDEX_FILE), "w") as f:
         json.dump(index, f, indent=2)
         f.write("\n")
       return self.files + [INDEX_FILE]

@@ -2,9 +2,9 @@
 
 `resolve_model_dir("GSAI-ML/LLaDA-8B-Instruct")` -> the local snapshot
 directory (downloaded once into the Hub cache, then reused). A string that is
-an existing directory is returned as it is; one that is not, and looks like
-`owner/name` (optionally `owner/name@revision`: a branch, tag or commit), is a
-Hub id. The environment is read at each call, as huggingface_hub documents it:
+an existing directory or a URL (`gs://...`, read in place) is returned as it
+is; one that is not, and looks like `owner/name` (optionally
+`owner/name@revision`: a branch, tag or commit), is a Hub id. The environment is read at each call, as huggingface_hub documents it:
 the cache is `HF_HUB_CACHE`, else `HF_HOME/hub`, else
 `~/.cache/huggingface/hub`; `HF_HUB_OFFLINE=1` allows only what the cache
 holds; `HF_TOKEN` (or a `huggingface-cli login`) reaches gated models.
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import re
+
+from llada_jax import paths
 
 # owner/name[@revision], the Hub's repo id characters (a path like ./x or /x is not one).
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})"
@@ -45,7 +47,7 @@ def offline() -> bool:
 
 
 def resolve_model_dir(path_or_id: str, revision: str | None = None) -> str:
-  """A model directory, or a Hub id `owner/name[@revision]` -> a local directory.
+  """A model directory (or URL), or a Hub id `owner/name[@revision]` -> a local directory.
 
   Args:
     path_or_id: an existing directory (returned unchanged), else a Hub id.
@@ -57,10 +59,10 @@ def resolve_model_dir(path_or_id: str, revision: str | None = None) -> str:
     ValueError: a revision given twice, or for a local directory.
   """
   path_or_id = os.fspath(path_or_id)
-  if os.path.isdir(path_or_id):
+  if paths.is_remote(path_or_id) or os.path.isdir(path_or_id):  # gs://... is read in place
     if revision is not None:
-      raise ValueError(f"revision={revision!r}: {path_or_id} is a local directory, "
-                       f"not a Hub id")
+      what = "URL" if paths.is_remote(path_or_id) else "local directory"
+      raise ValueError(f"revision={revision!r}: {path_or_id} is a {what}, not a Hub id")
     return path_or_id
   parsed = parse_hub_id(path_or_id)
   if parsed is None:

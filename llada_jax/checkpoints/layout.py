@@ -7,6 +7,8 @@
   workdir       config.json, tokenizer files, train_config.json,
                 `checkpoints/<step>/{params,opt_state,data,meta}` (an Orbax
                 CheckpointManager directory), metrics.jsonl, tensorboard/.
+
+Any of them may lie in a bucket (`gs://...`; file operations: `llada_jax/paths.py`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 
+from llada_jax import paths
 from llada_jax.config import ModelConfig, config_from_model_dir
 
 CONFIG_FILE = "config.json"
@@ -30,6 +32,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
 PYTREE_METADATA = "_METADATA"  # Orbax's pytree metadata file
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"  # Orbax's per-checkpoint json (custom_metadata)
+COMMIT_SUCCESS = "commit_success.txt"  # Orbax's mark of a finished step on an object store
 # What the converters write into an output directory: the entries a directory
 # may hold for `--overwrite` to replace it.
 SAFETENSORS_NAME = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
@@ -38,9 +41,9 @@ OUTPUT_FILES = (CONFIG_FILE, PARAMS_DIR, "model.safetensors.index.json") + TOKEN
 
 def model_dir_kind(path: str) -> str:
   """"hf" | "converted" | "workdir" for a model directory."""
-  if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+  if paths.isdir(os.path.join(path, PARAMS_DIR)):
     return "converted"
-  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+  if paths.isdir(os.path.join(path, CHECKPOINTS_DIR)):
     return "workdir"
   return "hf"
 
@@ -60,8 +63,8 @@ def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
   """Copies the tokenizer (and generation config) files `src_dir` has; returns names."""
   copied = []
   for name in TOKENIZER_FILES:
-    if os.path.exists(os.path.join(src_dir, name)):
-      shutil.copyfile(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+    if paths.exists(os.path.join(src_dir, name)):
+      paths.copyfile(os.path.join(src_dir, name), os.path.join(dst_dir, name))
       copied.append(name)
   return copied
 
@@ -71,25 +74,25 @@ def write_config(dst_dir: str, cfg: ModelConfig, torch_dtype: str, source_dir: s
   that are no ModelConfig field (`_name_or_path`, `init_device`...), so they
   survive a conversion unchanged.
   """
-  with open(os.path.join(source_dir, CONFIG_FILE)) as f:
+  with paths.open(os.path.join(source_dir, CONFIG_FILE)) as f:
     hf = json.load(f)
   fields = {f.name for f in dataclasses.fields(ModelConfig)} | {"torch_dtype"}
   for key, value in cfg.to_hf(torch_dtype=torch_dtype).items():
     if key in fields or key not in hf:
       hf[key] = value
-  with open(os.path.join(dst_dir, CONFIG_FILE), "w") as f:
+  with paths.open(os.path.join(dst_dir, CONFIG_FILE), "w") as f:
     json.dump(dict(sorted(hf.items())), f, indent=2)
     f.write("\n")
 
 
-def foreign_entries(path: str) -> list[str] | None:
+def foreign_entries(path: str, incomplete_ok: bool = False) -> list[str] | None:
   """None if `path` holds a converted checkpoint or HF snapshot as the converters
   write them; else the entries that are not such a checkpoint (all of them if
-  the checkpoint's config.json or weights are missing)."""
-  names = sorted(os.listdir(path))
+  the checkpoint's config.json or weights are missing, unless `incomplete_ok`)."""
+  names = sorted(paths.listdir(path))
   foreign = [n for n in names if n not in OUTPUT_FILES and not SAFETENSORS_NAME.match(n)]
   has_weights = PARAMS_DIR in names or any(SAFETENSORS_NAME.match(n) for n in names)
-  if foreign or CONFIG_FILE not in names or not has_weights:
+  if foreign or (not incomplete_ok and (CONFIG_FILE not in names or not has_weights)):
     return foreign or names
   return None
 
@@ -98,15 +101,19 @@ def step_dirs(checkpoints_dir: str) -> list[str]:
   """Finalized step directories of a CheckpointManager directory, newest first.
 
   Orbax writes a step under a temporary name and renames it to the bare step
-  number when complete, so the numbered directories are the finished steps.
+  number when complete, so the numbered directories are the finished steps;
+  on an object store (no rename) it writes in place and marks a finished step
+  with COMMIT_SUCCESS.
   """
   try:
-    names = os.listdir(checkpoints_dir)
+    names = paths.listdir(checkpoints_dir)
   except FileNotFoundError:
     return []
+  done = ((lambda d: paths.exists(os.path.join(d, COMMIT_SUCCESS)))
+          if paths.is_remote(checkpoints_dir) else paths.isdir)
   steps = sorted((int(n) for n in names if n.isdigit()
-                  and os.path.isdir(os.path.join(checkpoints_dir, n))), reverse=True)
-  return [os.path.join(os.path.abspath(checkpoints_dir), str(s)) for s in steps]
+                  and done(os.path.join(checkpoints_dir, n))), reverse=True)
+  return [os.path.join(paths.absolute(checkpoints_dir), str(s)) for s in steps]
 
 
 def latest_step_dir(checkpoints_dir: str) -> str:
@@ -120,7 +127,7 @@ def latest_step_dir(checkpoints_dir: str) -> str:
 def custom_metadata(orbax_dir: str) -> dict:
   """The `custom_metadata` of an Orbax checkpoint directory ({} if it has none)."""
   try:
-    with open(os.path.join(orbax_dir, CHECKPOINT_METADATA)) as f:
+    with paths.open(os.path.join(orbax_dir, CHECKPOINT_METADATA)) as f:
       out = json.load(f).get("custom_metadata") or {}
   except (OSError, ValueError, AttributeError):
     return {}
@@ -130,9 +137,9 @@ def custom_metadata(orbax_dir: str) -> dict:
 def params_pytree_dirs(path: str) -> list[str]:
   """The candidate parameter pytree directories under `path`, best first: a
   workdir's steps newest first, else the one `params_pytree_dir(path)`."""
-  path = os.path.abspath(os.fspath(path))
-  if (not os.path.exists(os.path.join(path, PYTREE_METADATA))
-      and os.path.isdir(os.path.join(path, CHECKPOINTS_DIR))):
+  path = paths.absolute(path)
+  if (not paths.exists(os.path.join(path, PYTREE_METADATA))
+      and paths.isdir(os.path.join(path, CHECKPOINTS_DIR))):
     steps = step_dirs(os.path.join(path, CHECKPOINTS_DIR))
     if not steps:
       raise FileNotFoundError(f"{os.path.join(path, CHECKPOINTS_DIR)}: no complete "
@@ -148,14 +155,14 @@ def params_pytree_dir(path: str) -> str:
   CheckpointManager step directory, or the pytree directory itself. The result
   is absolute (Orbax refuses relative paths).
   """
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(os.path.join(path, PYTREE_METADATA)):
+  path = paths.absolute(path)
+  if paths.exists(os.path.join(path, PYTREE_METADATA)):
     return path
-  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+  if paths.isdir(os.path.join(path, CHECKPOINTS_DIR)):
     return params_pytree_dir(latest_step_dir(os.path.join(path, CHECKPOINTS_DIR)))
   # converted `params/` (v1 layout: the pytree sits in `state/`) or a step's item.
   for sub in (PARAMS_DIR, "state", "pytree"):
-    if os.path.isdir(os.path.join(path, sub)):
+    if paths.isdir(os.path.join(path, sub)):
       return params_pytree_dir(os.path.join(path, sub))
   raise FileNotFoundError(f"{path}: no Orbax parameter checkpoint ({PARAMS_DIR}/ or "
                           f"{CHECKPOINTS_DIR}/ with a complete step)")
@@ -163,4 +170,4 @@ def params_pytree_dir(path: str) -> str:
 
 def checkpoint_dir(workdir: str) -> str:
   """The CheckpointManager directory of a workdir (absolute: Orbax wants absolute paths)."""
-  return os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+  return os.path.join(paths.absolute(workdir), CHECKPOINTS_DIR)

@@ -19,6 +19,7 @@ from etils import epath
 from flax import nnx
 from flax import traverse_util
 
+from llada_jax import paths
 from llada_jax.checkpoints import hf as hf_checkpoint
 from llada_jax.checkpoints import integrity
 from llada_jax.checkpoints.layout import custom_metadata, params_pytree_dir, params_pytree_dirs
@@ -205,7 +206,7 @@ class ParamWriter:
   def __init__(self, directory: str):
     from orbax.checkpoint.experimental import v1  # pylint: disable=g-import-not-at-top
     self._v1 = v1
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)
     self._ctx = v1.Context()
     self._ctx.memory.deepcopy_host_arrays = False  # writes complete before returning
     self._ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES

@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 
+from llada_jax import paths
 from llada_jax.checkpoints import hf as hf_checkpoint
 from llada_jax.checkpoints import hub
 from llada_jax.checkpoints import layout
@@ -36,7 +37,7 @@ def convert(hf_dir: str, output_dir: str, dtype: str | None = None,
             allow_nonfinite: bool = False) -> dict:
   """Converts; returns the summary (params, tensors, bytes, seconds, peak_rss_bytes)."""
   hf_dir = hub.resolve_model_dir(hf_dir)  # a directory, or a Hub id owner/name[@revision]
-  if not os.path.isdir(hf_dir):
+  if not paths.isdir(hf_dir):
     raise FileNotFoundError(f"{hf_dir}: no such directory")
   staging.check_output(output_dir, overwrite, [hf_dir])
   cfg = layout.read_config(hf_dir)

@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 
+from llada_jax import paths
 from llada_jax.checkpoints import hf as hf_checkpoint
 from llada_jax.checkpoints import layout
 from llada_jax.checkpoints import orbax as checkpoint
@@ -27,7 +28,7 @@ def convert(checkpoint_dir: str, output_dir: str, dtype: str | None = None,
             max_shard_size: str | int = "5GB", overwrite: bool = False,
             progress: bool = True, allow_nonfinite: bool = False) -> dict:
   """Converts; returns the summary (params, tensors, bytes, seconds, peak_rss_bytes)."""
-  if not os.path.isdir(checkpoint_dir):
+  if not paths.isdir(checkpoint_dir):
     raise FileNotFoundError(f"{checkpoint_dir}: no such directory")
   staging.check_output(output_dir, overwrite, [checkpoint_dir])
   if layout.model_dir_kind(checkpoint_dir) == "hf":

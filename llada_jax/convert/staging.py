@@ -1,6 +1,15 @@
 """What both converters share: an all-or-nothing output directory, progress
 with a closing summary, and a command-line wrapper that turns any failure
-into one line and a non-zero exit."""
+into one line and a non-zero exit.
+
+The output may be a URL (gs://...). An object store has no rename (and
+Orbax's streaming partial saves need one), so there the conversion is
+written to a local temp directory (`TMPDIR`: room for the whole output) and
+then uploaded file by file (an old checkpoint removed first) with
+`config.json` last: a directory without it is no model directory to any
+reader, and one the converters wrote, left so by a crash during the upload,
+is replaced by a rerun with `--overwrite`.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import tqdm
 
 from llada_jax import errors
 from llada_jax import ownership
+from llada_jax import paths
 from llada_jax.checkpoints import layout
 
 
@@ -28,7 +38,7 @@ OLD = "old"  # .NAME.old-HOST-PID-XXXX: the replaced output, removed after the s
 
 
 def _real(path: str) -> str:
-  return os.path.realpath(os.path.abspath(path))
+  return paths.absolute(path) if paths.is_remote(path) else os.path.realpath(os.path.abspath(path))
 
 
 def check_output(output_dir: str, overwrite: bool, sources: Sequence[str] = ()) -> None:
@@ -47,16 +57,17 @@ def check_output(output_dir: str, overwrite: bool, sources: Sequence[str] = ()) 
       what = "is" if out == src_real else "contains"
       raise ValueError(f"--output_dir {output_dir} {what} the input {src}; choose another "
                        f"output directory")
-  if not os.path.exists(output_dir):
+  if not paths.exists(output_dir):
     return
-  if not os.path.isdir(output_dir):
+  if not paths.isdir(output_dir):
     raise FileExistsError(f"{output_dir}: exists and is not a directory")
-  if not os.listdir(output_dir):
+  if not paths.listdir(output_dir):
     return
   if not overwrite:
     raise FileExistsError(f"{output_dir}: already holds files (a checkpoint?); "
                           f"pass --overwrite to replace it")
-  foreign = layout.foreign_entries(output_dir)
+  # On an object store, also a copy cut short before its config.json (module docstring).
+  foreign = layout.foreign_entries(output_dir, incomplete_ok=paths.is_remote(output_dir))
   if foreign is not None:
     shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
     raise FileExistsError(f"{output_dir}: holds {shown}, which is not a checkpoint written by "
@@ -99,8 +110,13 @@ def staged_output(output_dir: str, overwrite: bool = False,
   our checkpoints. On any failure or interrupt the temp directory is removed,
   so `output_dir` is left as it was: absent, empty, or (with `overwrite`) the
   old checkpoint. Temp directories of killed conversions are removed first.
+  A URL output is staged in a local temp directory and uploaded (module docstring).
   """
   check_output(output_dir, overwrite, sources)
+  if paths.is_remote(output_dir):
+    with _staged_remote(paths.absolute(output_dir), overwrite, sources) as tmp:
+      yield tmp
+    return
   output_dir = os.path.abspath(output_dir)
   parent, base = os.path.split(output_dir)
   os.makedirs(parent, exist_ok=True)
@@ -123,6 +139,20 @@ def staged_output(output_dir: str, overwrite: bool = False,
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+@contextlib.contextmanager
+def _staged_remote(output_dir: str, overwrite: bool, sources: Sequence[str]) -> Iterator[str]:
+  """`staged_output` for a URL: a local temp directory, uploaded into place."""
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.{PARTIAL}-")
+  try:
+    yield tmp
+    if paths.isdir(output_dir) and paths.listdir(output_dir):
+      check_output(output_dir, overwrite, sources)  # nothing new arrived meanwhile
+      paths.rmtree(output_dir)
+    paths.rename_tree(tmp, output_dir, last=(layout.CONFIG_FILE,))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def peak_rss_bytes(pid: int | str = "self") -> int:
@@ -200,7 +230,7 @@ def run_cli(prog: str, output_dir: str, fn: Callable[[], str]) -> int:
   except Exception as e:  # pylint: disable=broad-except
     if errors.debug_enabled():
       traceback.print_exc()
-    where = os.path.dirname(os.path.abspath(output_dir))
+    where = os.path.dirname(paths.absolute(output_dir))
     print(f"{prog}: error: {errors.one_line(e, where)}; {output_dir} left unchanged",
           file=sys.stderr)
     return 1

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from typing import Any, Sequence
 
@@ -34,6 +33,7 @@ import numpy as np
 import tqdm
 
 from llada_jax import errors
+from llada_jax import paths
 from llada_jax.frontends import completions
 from llada_jax.frontends import settings as settings_lib
 from llada_jax.sampling import sampler as sampling
@@ -94,7 +94,7 @@ def generate_batch(model, tok: Tokenizer, batch: list[_Request], batch_size: int
 
 def _read_requests(path: str, tok: Tokenizer, cfg, chat: bool, defaults: dict[str, Any]):
   requests, bad = [], 0
-  with open(path, encoding="utf-8") as f:
+  with paths.open(path, encoding="utf-8") as f:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -125,6 +125,7 @@ def run_file(model, tok: Tokenizer, input_path: str, output_path: str, *, batch_
     for b, batch in enumerate(_batches(todo, batch_size)):
       for req, text in zip(batch, generate_batch(model, tok, batch, batch_size, b)):
         out.add(req.index, {**req.record, "completion": text})
+      out.sync()
       bar.update(len(batch))
   return {"written": out.close(), "bad_lines": bad, "resumed": len(requests) - len(todo)}
 
@@ -152,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.input is not None:
     if not args.output:
       parser.error("--input needs --output")
-    if not os.path.isfile(args.input):
+    if not paths.isfile(args.input):
       parser.error(f"--input: {args.input} is not a file")
     try:
       completions.check_output(args.output, args.resume)

@@ -4,6 +4,7 @@ Sources (`source` string):
   "pydoc_data.topics"          Python's bundled documentation, split into paragraphs
   "tfds:NAME[:VERSION]"        a TensorFlow Datasets ArrayRecord source (`tfds` extra)
   PATH or GLOB ending in .txt  plain text, one document per blank-line-separated block
+                               (a PATH or GLOB may be a URL: gs://bucket/data/*.jsonl)
   ... .jsonl / .json           one JSON object per line: `text`, or for SFT
                                `prompt`/`response` or chat `messages`
   ... .array_record            pre-tokenized: each record the int32 ids of a document
@@ -17,14 +18,14 @@ checkpoint, so a resumed run sees exactly the data it would have seen.
 
 from __future__ import annotations
 
-import glob
 import json
 import math
-import os
 from typing import Any, Sequence
 
 import grain
 import numpy as np
+
+from llada_jax import paths
 
 PYDOC = "pydoc_data.topics"
 
@@ -32,10 +33,10 @@ PYDOC = "pydoc_data.topics"
 # ---- documents ---------------------------------------------------------------
 
 def _paths(pattern: str) -> list[str]:
-  paths = sorted(glob.glob(os.path.expanduser(pattern)))
-  if not paths:
+  found = paths.glob(pattern)
+  if not found:
     raise FileNotFoundError(f"data source {pattern!r}: no file matches")
-  return paths
+  return found
 
 
 def _text_blocks(text: str) -> list[str]:
@@ -44,7 +45,7 @@ def _text_blocks(text: str) -> list[str]:
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
   rows = []
-  with open(path, encoding="utf-8") as f:
+  with paths.open(path, encoding="utf-8") as f:
     for n, line in enumerate(f, 1):
       if line.strip():
         try:
@@ -71,8 +72,8 @@ class _TfdsText:
 class _TokenRecords:
   """Random access to an ArrayRecord file set of int32 id arrays."""
 
-  def __init__(self, paths: Sequence[str]):
-    self._source = grain.sources.ArrayRecordDataSource(list(paths))
+  def __init__(self, files: Sequence[str]):
+    self._source = grain.sources.ArrayRecordDataSource(list(files))
 
   def __len__(self):
     return len(self._source)
@@ -95,16 +96,15 @@ def documents(source: str, *, tfds_split: str = "train", data_dir: str | None = 
       raise ImportError(f"data source {source!r} needs tensorflow-datasets: "
                         "pip install 'llada_jax[tfds]'") from None
     return _TfdsText(tfds.data_source(source[5:], split=tfds_split, data_dir=data_dir), field)
-  paths = _paths(source)
-  if all(p.endswith((".array_record", ".arrayrecord")) for p in paths):
-    return _TokenRecords(paths)
+  files = _paths(source)
+  if all(p.endswith((".array_record", ".arrayrecord")) for p in files):
+    return _TokenRecords(files)
   docs: list[dict[str, Any]] = []
-  for path in paths:
+  for path in files:
     if path.endswith((".jsonl", ".json")):
       docs.extend(_read_jsonl(path))
     elif path.endswith(".txt"):
-      with open(path, encoding="utf-8") as f:
-        docs.extend({"text": b} for b in _text_blocks(f.read()))
+      docs.extend({"text": b} for b in _text_blocks(paths.read_text(path)))
     else:
       raise ValueError(f"data source {path!r}: unknown file type "
                        "(want .txt, .jsonl, .json or .array_record)")

@@ -6,6 +6,12 @@ warning; a live one, or one from another host, stops the second trainer with
 a message naming the owner and the file. `held` releases it when the run
 ends, however it ends (and atexit, should the process exit inside); a
 process that already holds it may acquire it again.
+
+A workdir in a bucket (gs://) has the same lock: the file is created with
+GCS's `ifGenerationMatch=0` precondition, as atomic as O_EXCL. Liveness is
+still known only on the owner's host, so a trainer killed on another VM (a
+preempted TPU VM) leaves a lock that stops the next one with the message
+above until the file is deleted.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import time
 from typing import Iterator
 
 from llada_jax import ownership
+from llada_jax import paths
 
 LOCK_FILE = ".lock"
 
@@ -29,13 +36,13 @@ class WorkdirLockedError(RuntimeError):
 
 
 def _path(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), LOCK_FILE)
+  return os.path.join(paths.absolute(workdir), LOCK_FILE)
 
 
 def read(workdir: str) -> dict | None:
   """The owner recorded in the lock file; None if there is none (or it is unreadable)."""
   try:
-    with open(_path(workdir)) as f:
+    with paths.open(_path(workdir)) as f:
       owner = json.load(f)
   except (OSError, ValueError):
     return None
@@ -43,15 +50,8 @@ def read(workdir: str) -> dict | None:
 
 
 def _create(path: str, owner: dict) -> bool:
-  try:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-  except FileExistsError:
-    return False
-  with os.fdopen(fd, "w") as f:
-    json.dump({**owner, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
-    f.flush()
-    os.fsync(f.fileno())
-  return True
+  return paths.create_exclusive(
+      path, json.dumps({**owner, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}))
 
 
 def acquire(workdir: str) -> str:
@@ -86,13 +86,13 @@ def _remove_if(path: str, owner: dict) -> None:
   """Removes the lock file if it still names `owner` (not one just taken by another)."""
   current = None
   try:
-    with open(path) as f:
+    with paths.open(path) as f:
       current = json.load(f)
   except (OSError, ValueError):
     pass
   if current is None or current == owner:
     try:
-      os.remove(path)
+      paths.remove(path)
     except FileNotFoundError:
       pass
 
@@ -108,7 +108,7 @@ def release(workdir: str, owner: dict | None = None) -> None:
 @contextlib.contextmanager
 def held(workdir: str, enabled: bool = True) -> Iterator[None]:
   """Holds the workdir's lock (creating the workdir) for the `with` body."""
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if not enabled:  # multi-host: the primary process holds it for all
     yield
     return

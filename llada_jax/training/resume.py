@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Any, Callable
@@ -24,6 +23,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from flax import traverse_util
 
+from llada_jax import paths
 from llada_jax.checkpoints import integrity
 from llada_jax.checkpoints import layout
 
@@ -107,11 +107,11 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
     return
   if jax.process_index() == 0:
     out = os.path.join(os.path.dirname(str(mngr.directory)), BROKEN_DIR)
-    os.makedirs(out, exist_ok=True)
+    paths.makedirs(out)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for step in steps:
       dst = os.path.join(out, f"{step}-{stamp}")
-      shutil.move(os.path.join(str(mngr.directory), str(step)), dst)
+      paths.move(os.path.join(str(mngr.directory), str(step)), dst)
       _warn(f"moved the broken step {step} to {dst}")
   if jax.process_count() > 1:  # every host reloads after the move
     multihost_utils.sync_global_devices("llada_set_aside_broken_steps")
@@ -122,10 +122,10 @@ def trim_metrics(workdir: str, step: int) -> None:
   """Drops metrics.jsonl rows after `step` (written by a run that died after
   its last checkpoint), so each step appears once after the resume."""
   path = os.path.join(workdir, "metrics.jsonl")
-  if jax.process_index() != 0 or not os.path.exists(path):
+  if jax.process_index() != 0 or not paths.exists(path):
     return
   kept, dropped = [], 0
-  with open(path) as f:
+  with paths.open(path) as f:
     for line in f:
       try:
         row_step = json.loads(line).get("step", 0)
@@ -136,7 +136,4 @@ def trim_metrics(workdir: str, step: int) -> None:
       else:
         dropped += 1
   if dropped:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    paths.write_text(path, "".join(kept))

@@ -37,6 +37,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from llada_jax import errors
+from llada_jax import paths
 from llada_jax import sharding
 from llada_jax import tokenizer as tokenizer_lib
 from llada_jax.checkpoints import hub
@@ -228,7 +229,7 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 # ---- set-up: tokenizer, model config, data -------------------------------------
 
 def _has_tokenizer(directory: str) -> bool:
-  return any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.model",
+  return any(paths.exists(os.path.join(directory, f)) for f in ("tokenizer.model",
                                                                    "tokenizer.json"))
 
 
@@ -246,25 +247,32 @@ def resolve_tokenizer(cfg, workdir: str, train_docs) -> tuple[Any, str]:
     if cfg.kind == "pretrain" and len(train_docs) and "ids" in train_docs[0]:
       return None, None  # pre-tokenized documents
     raise ValueError("config.tokenizer: set `path`, or `train_vocab_size` to train one")
-  out_dir = workdir
   if jax.process_index() == 0:
-    corpus = os.path.join(out_dir, "tokenizer_corpus.txt")
-    with open(corpus, "w", encoding="utf-8") as f:
-      written = 0
-      for doc in train_docs:
-        text = doc.get("text") or "\n".join(
-            [doc.get("prompt", ""), doc.get("response", "")]
-            + [m.get("content", "") for m in doc.get("messages", [])])
-        f.write(text.replace("\n\n", "\n") + "\n")
-        written += len(text)
-        if written > 50_000_000:
-          break
-    log(f"training a SentencePiece tokenizer (vocab {cfg.tokenizer.train_vocab_size}) "
-        f"on {written:,} characters")
-    tokenizer_lib.train([corpus], cfg.tokenizer.train_vocab_size, out_dir)
-    os.remove(corpus)
+    with paths.local_copy(workdir, ()) as local:  # a bucket workdir: a local temp dir
+      _train_tokenizer(cfg, train_docs, local)
+      if local != workdir:
+        layout.copy_tokenizer_files(local, workdir)
   _sync("tokenizer")
-  return tokenizer_lib.load_tokenizer(out_dir), out_dir
+  return tokenizer_lib.load_tokenizer(workdir), workdir
+
+
+def _train_tokenizer(cfg, train_docs, out_dir: str) -> None:
+  """Trains a SentencePiece model on the training documents into `out_dir`."""
+  corpus = os.path.join(out_dir, "tokenizer_corpus.txt")
+  with open(corpus, "w", encoding="utf-8") as f:
+    written = 0
+    for doc in train_docs:
+      text = doc.get("text") or "\n".join(
+          [doc.get("prompt", ""), doc.get("response", "")]
+          + [m.get("content", "") for m in doc.get("messages", [])])
+      f.write(text.replace("\n\n", "\n") + "\n")
+      written += len(text)
+      if written > 50_000_000:
+        break
+  log(f"training a SentencePiece tokenizer (vocab {cfg.tokenizer.train_vocab_size}) "
+      f"on {written:,} characters")
+  tokenizer_lib.train([corpus], cfg.tokenizer.train_vocab_size, out_dir)
+  os.remove(corpus)
 
 
 def model_config(cfg, tokenizer) -> ModelConfig:
@@ -447,9 +455,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   if cfg.get("init_from"):  # a directory, or a Hub id resolved to its local snapshot
     cfg.init_from = hub.resolve_model_dir(cfg.init_from)
   validate.check_config(cfg, jax.process_count(), jax.device_count())
-  validate.check_workdir(os.path.abspath(workdir))
-  with lock.held(os.path.abspath(workdir), jax.process_index() == 0):
-    return _train_and_evaluate(cfg, os.path.abspath(workdir), on_step)
+  workdir = paths.absolute(workdir)  # a directory or a URL (gs://...)
+  validate.check_workdir(workdir)
+  with lock.held(workdir, jax.process_index() == 0):
+    return _train_and_evaluate(cfg, workdir, on_step)
 
 
 def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
@@ -503,7 +512,7 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       f"per device ({peak_source}); held-out unigram entropy {unigram_bits:.3f} bits/token")
 
   writer = _summary_writer(workdir)
-  metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if pi == 0 else None
+  metrics_file = paths.AppendFile(os.path.join(workdir, "metrics.jsonl")) if pi == 0 else None
   preemption = _Preemption()
   step = int(latest or 0)
   flops_per_step = (cfg.batch_size * cfg.seq_len

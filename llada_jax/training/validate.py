@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 
+from llada_jax import paths
 from llada_jax.checkpoints import layout
 
 # Keys of train_config.json a resumed run may not change: they define what the
@@ -129,7 +130,7 @@ def check_config(cfg, process_count: int = 1, device_count: int = 1) -> None:
   _check_optimizer(cfg, total)
   _check_batch(cfg, process_count, device_count)
   init_from = _get(cfg, "init_from")
-  if init_from and not os.path.isdir(init_from):
+  if init_from and not paths.isdir(init_from):
     _fail("init_from", init_from, "is not a directory")
 
 
@@ -194,9 +195,9 @@ def check_workdir(workdir: str) -> None:
   A workdir has train_config.json or checkpoints/; a run that died before
   writing them leaves only files the trainer writes (WORKDIR_FILES).
   """
-  if not os.path.isdir(workdir):
+  if not paths.isdir(workdir):
     return
-  names = sorted(n for n in os.listdir(workdir) if not n.startswith("."))
+  names = sorted(n for n in paths.listdir(workdir) if not n.startswith("."))
   if layout.TRAIN_CONFIG_FILE in names or layout.CHECKPOINTS_DIR in names:
     return
   foreign = [n for n in names if n not in WORKDIR_FILES or n == layout.CONFIG_FILE]
@@ -238,7 +239,7 @@ def check_resume(workdir: str, model_hf: dict[str, Any], train_config: dict[str,
 
 def _read_json(path: str) -> dict:
   try:
-    with open(path) as f:
+    with paths.open(path) as f:
       out = json.load(f)
   except FileNotFoundError:
     return {}

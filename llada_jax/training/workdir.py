@@ -20,6 +20,7 @@ from typing import Any
 import grain
 import orbax.checkpoint as ocp
 
+from llada_jax import paths
 from llada_jax.checkpoints import layout
 from llada_jax.config import ModelConfig
 from llada_jax.training import resume
@@ -72,16 +73,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract: dict[str, Any], it
 def write_model_files(workdir: str, model_cfg: ModelConfig, tokenizer_dir: str | None,
                       train_config_json: str) -> None:
   """config.json, tokenizer files and the training config at the top of the workdir."""
-  os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, layout.CONFIG_FILE), model_cfg.to_hf())
-  with open(os.path.join(workdir, layout.TRAIN_CONFIG_FILE), "w") as f:
+  paths.makedirs(workdir)
+  paths.write_text(os.path.join(workdir, layout.CONFIG_FILE),
+                   json.dumps(model_cfg.to_hf(), indent=2))
+  with paths.open(os.path.join(workdir, layout.TRAIN_CONFIG_FILE), "w") as f:
     f.write(train_config_json)
-  if tokenizer_dir and os.path.abspath(tokenizer_dir) != os.path.abspath(workdir):
+  if tokenizer_dir and paths.absolute(tokenizer_dir) != paths.absolute(workdir):
     layout.copy_tokenizer_files(tokenizer_dir, workdir)
-
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
