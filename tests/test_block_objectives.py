@@ -159,7 +159,7 @@ def test_embedding_noise_hook_and_schedule(tiny_model):
 
 # ---- the trainer ---------------------------------------------------------------------
 
-def _sft_data(path, n=24):
+def _sft_data(path, n=60):
   rs = np.random.RandomState(0)
   with open(path, "w") as f:
     for _ in range(n):
@@ -170,9 +170,9 @@ def _sft_data(path, n=24):
 
 def _block_sft(data, **extra):
   """The settings of a 3-step block_sft run with every option on: {config key: value}."""
-  return {"kind": "block_sft", "block_length": 8, "seq_len": 32, "batch_size": 4,
+  return {"kind": "block_sft", "block_length": 8, "seq_len": 32, "batch_size": 8,
           "total_steps": 3, "log_every": 1, "eval_every": 0, "eval_batches": 1,
-          "eval_batch_size": 4, "eval_samples": 1, "peak_flops": 1e9, "data.source": data,
+          "eval_batch_size": 8, "eval_samples": 1, "peak_flops": 1e9, "data.source": data,
           "data.eval_fraction": 0.2, "optimizer.warmup_steps": 1, "optimizer.decay_steps": 1,
           "checkpoint.every_steps": 3, "samples.num": 0, "complementary_masking": True,
           "cap_weight": 0.5, "embed_noise_std": 0.1, "embed_noise_steps": 2, **extra}
