@@ -123,7 +123,7 @@ def loss_options(cfg, model_cfg: ModelConfig) -> LossOptions:
         cfg.block_length, cfg.t_min, cfg.t_max, cfg.complementary_masking,
         cfg.embed_noise_std, cfg.embed_noise_steps)
   return LossOptions(model_cfg.mask_token_id, model_cfg.d_model, cfg.loss_vocab_chunk,
-                     cfg.cap_weight, block)
+                     cfg.get("cap_weight", 0.0), block)
 
 
 def _diffusion_inputs(rng, batch, step, o: LossOptions, train: bool = True):
@@ -193,8 +193,10 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: 
 
   def loss_fn(params, mb):
     loss, aux = objective.loss(nnx.merge(graphdef, params), mb, options)
+    # Summed over micro-batches: the router losses are per-micro-batch means, the
+    # CAP term is normalised by the whole batch like the loss.
     return loss, {"masked_tokens": jnp.sum(mb.noise.masked_BL),
-                  **{k: v / micro_batches for k, v in aux.items()}}  # summed over micro-batches
+                  **{k: v if k == "cap_entropy" else v / micro_batches for k, v in aux.items()}}
 
   loss, grads, aux = optimizer_lib.accumulate_gradients(
       loss_fn, state["params"], inputs, micro_batches)
@@ -475,8 +477,9 @@ class _StepEnd:
     line = {"loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"],
             "tokens_per_s": tok_s, "tflops_per_device": tflops,
             "mfu": tflops * 1e12 / self.peak, "skipped_steps": self.meta["skipped_steps"]}
-    router = {k: last[k] for k in ("load_balancing_loss", "router_z_loss") if k in last}
-    line.update(router)  # MoE models: the router losses, logged apart from the loss
+    router = {k: last[k] for k in ("load_balancing_loss", "router_z_loss", "cap_entropy")
+              if k in last}
+    line.update(router)  # MoE models' router losses and the CAP term, apart from the loss
     log(f"step {step}/{self.cfg.total_steps} loss {line['loss']:.4f} lr {line['lr']:.3g} "
         f"grad_norm {line['grad_norm']:.3f} tokens/s {tok_s:,.0f} "
         f"TFLOP/s/device {tflops:.4g} MFU {100 * line['mfu']:.2f}% "
@@ -545,13 +548,13 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   validate.check_resume(workdir, model_cfg.to_hf(), json.loads(cfg.to_json_best_effort()))
   pc, pi = jax.process_count(), jax.process_index()
   dataset = data_lib.train_dataset(
-      train_docs, tokenizer, kind=OBJECTIVES[cfg.kind].data, seq_len=cfg.seq_len, batch_size=cfg.batch_size // pc,
-      seed=cfg.seed, eos_id=model_cfg.eos_token_id, process_index=pi, process_count=pc,
-      prefetch=cfg.data.prefetch)
+      train_docs, tokenizer, kind=OBJECTIVES[cfg.kind].data, seq_len=cfg.seq_len,
+      batch_size=cfg.batch_size // pc, seed=cfg.seed, eos_id=model_cfg.eos_token_id,
+      process_index=pi, process_count=pc, prefetch=cfg.data.prefetch)
   iterator = iter(dataset)
-  evals = data_lib.eval_batches(eval_docs, tokenizer, kind=OBJECTIVES[cfg.kind].data, seq_len=cfg.seq_len,
-                                batch_size=cfg.eval_batch_size, num_batches=cfg.eval_batches,
-                                eos_id=model_cfg.eos_token_id)
+  evals = data_lib.eval_batches(eval_docs, tokenizer, kind=OBJECTIVES[cfg.kind].data,
+                                seq_len=cfg.seq_len, batch_size=cfg.eval_batch_size,
+                                num_batches=cfg.eval_batches, eos_id=model_cfg.eos_token_id)
   unigram_bits = data_lib.unigram_entropy_bits(evals)
 
   mngr = workdir_lib.manager(workdir, cfg.checkpoint.every_steps, cfg.checkpoint.keep)
