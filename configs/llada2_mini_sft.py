@@ -1,9 +1,10 @@
 """LLaDA2-mini supervised fine-tuning: the dense SFT recipe on the block-diffusion MoE.
 
 `--config.init_from=DIR` (a LLaDA2.0/2.1-mini snapshot, converted dir or
-workdir) on chat JSONL data; prompt never masked. The trainer's objective is
-LLaDA's (bidirectional attention); block-diffusion SFT with the block-causal
-mask (`forward_with_aux(..., block_length=32)`) is the post-training issue's.
+workdir) on chat JSONL data; prompt never masked. The objective is LLaDA's
+(bidirectional attention); block-diffusion SFT, the LLaDA2 recipe, is
+`configs/llada2_mini_block_sft.py` (or `--config.kind=block_sft
+--config.block_length=32` here).
 Experts shard over the mesh's `expert` axis (`--config.mesh.expert=N`).
 """
 

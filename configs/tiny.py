@@ -36,7 +36,15 @@ def get_config() -> ml_collections.ConfigDict:
   """The embedded default: tokenizer + small LLaDA on Python's docs, ~minutes on 2 cores."""
   return ml_collections.ConfigDict(dict(
       model=model_config(),
-      kind="pretrain",  # "pretrain" | "sft" (SPEC §5)
+      kind="pretrain",  # "pretrain" | "sft" (SPEC §5) | "block_pretrain" | "block_sft"
+      # Block diffusion (block kinds; training/block_objectives.py):
+      block_length=0,  # block size, divides seq_len (required by the block kinds)
+      t_min=0.0,  # per-block noise level t ~ U[t_min, t_max] (mask-ratio bandwidth)
+      t_max=1.0,
+      complementary_masking=False,  # each row and its complement mask: 2x the rows
+      embed_noise_std=0.0,  # N(0, std^2) on the masked tokens' embeddings (0 = off)...
+      embed_noise_steps=0,  # ...during the first this many steps
+      cap_weight=0.0,  # sft / block_sft: weight of the CAP entropy term (0 = off)
       seed=0,
       total_steps=1000,
       batch_size=16,  # global batch, rows

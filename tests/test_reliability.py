@@ -84,7 +84,11 @@ def _files(root):
     ({"optimizer.b2": 1.0}, "config.optimizer.b2=1.0: must be < 1"),
     ({"checkpoint.keep": 0}, "config.checkpoint.keep=0: must be >= 1"),
     ({"mesh.tensor": 3}, "config.mesh=(data=1, fsdp=-1, tensor=3): 8 devices do not divide by 3"),
-    ({"kind": "finetune"}, "config.kind='finetune': is not 'pretrain' or 'sft'"),
+    ({"kind": "finetune"}, "config.kind='finetune': is not one of 'pretrain', 'sft'"),
+    ({"kind": "block_pretrain", "block_length": 5},
+     "config.block_length=5: does not divide config.seq_len=16"),
+    ({"cap_weight": 0.5}, "config.cap_weight=0.5: CAP is an SFT loss"),
+    ({"complementary_masking": True}, "config.complementary_masking=True: only the block kinds"),
 ])
 def test_invalid_training_config_is_refused_before_any_file(token_data, tmp_path, changes,
                                                            needle):

@@ -90,8 +90,12 @@ def splash_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
 def attention(q_BLNH, k_BSKH, v_BSKH, mask_BS=None, *, impl: str = "xla"):
   """Dispatch on `impl` ("xla" | "splash"); splash falls back to XLA off TPU.
 
-  `mask_BS`: None, {0,1} [B, S] key padding, or a `masks.BlockCausal`.
+  `mask_BS`: None, {0,1} [B, S] key padding, a `masks.BlockCausal`, or a
+  `masks.BlockDiffusion` (always the XLA path: no splash kernel for it yet).
   """
+  if isinstance(mask_BS, masks.BlockDiffusion):  # training only: the XLA path
+    return xla_attention(q_BLNH, k_BSKH, v_BSKH,
+                         mask_BS.keep_BLS(q_BLNH.shape[1], k_BSKH.shape[1]))
   if isinstance(mask_BS, masks.BlockCausal):
     L, S = q_BLNH.shape[1], k_BSKH.shape[1]
     if impl == "splash" and jax.default_backend() == "tpu" and mask_BS.splash_ready(L, S):

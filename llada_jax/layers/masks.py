@@ -10,6 +10,18 @@ block, nothing to its right):
 which turns it into a [B, L, S] mask for the XLA path or a splash-kernel mask
 (`splash_mask`) on TPU. Queries may be a window of the positions (`q_start`,
 traced or not) attending to a longer key range (a KV cache).
+
+`BlockDiffusion` is the training mask of block diffusion (BD3-LM, LLaDA2): the
+input is [x_t ; x_0], the noisy sequence then the clean one (2L positions,
+both halves at positions 0…L−1), and with b(p) the block of p within its half
+
+  noisy q -> noisy k:  b(k) == b(q)     (its own noisy block, bidirectionally)
+  noisy q -> clean k:  b(k) <  b(q)     (the clean blocks before it)
+  clean q -> clean k:  b(k) <= b(q)     (block-causal, as at generation)
+  clean q -> noisy k:  never
+
+so each noisy block is denoised from exactly the context the block sampler
+gives it: the committed blocks before it, through their keys/values.
 """
 
 from __future__ import annotations
@@ -19,6 +31,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def _check_block_length(block_length) -> None:
+  if isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 1:
+    raise ValueError(f"block_length: expected a positive integer, got {block_length!r}")
 
 
 @jax.tree_util.register_dataclass
@@ -31,9 +48,7 @@ class BlockCausal:
   q_start: jax.Array | int = 0
 
   def __post_init__(self):
-    if isinstance(self.block_length, bool) or not isinstance(self.block_length, int) or (
-        self.block_length < 1):
-      raise ValueError(f"block_length: expected a positive integer, got {self.block_length!r}")
+    _check_block_length(self.block_length)
 
   def keep_BLS(self, q_len: int, kv_len: int) -> jax.Array:
     """bool [B or 1, L, S]: may query l (position q_start + l) attend to key s."""
@@ -49,8 +64,38 @@ class BlockCausal:
     return isinstance(self.q_start, int) and self.q_start == 0 and q_len == kv_len
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockDiffusion:
+  """The [x_t ; x_0] mask of block-diffusion training (module docstring) for an
+  input of 2L positions; block_length (static). No key padding: every key is real."""
+  block_length: int = dataclasses.field(metadata=dict(static=True))
+
+  def __post_init__(self):
+    _check_block_length(self.block_length)
+
+  def keep_BLS(self, q_len: int, kv_len: int) -> jax.Array:
+    """bool [1, 2L, 2L]: may query l attend to key s (full forwards only)."""
+    if q_len != kv_len or q_len % 2:
+      raise ValueError(f"BlockDiffusion: expected a [x_t ; x_0] forward of 2L positions, "
+                       f"got {q_len} queries and {kv_len} keys")
+    half = q_len // 2
+    pos_P = jnp.arange(q_len)
+    clean_P, block_P = pos_P >= half, (pos_P % half) // self.block_length
+    q_clean, k_clean = clean_P[:, None], clean_P[None, :]
+    q_block, k_block = block_P[:, None], block_P[None, :]
+    keep_PP = jnp.where(q_clean, k_clean & (k_block <= q_block),
+                        jnp.where(k_clean, k_block < q_block, k_block == q_block))
+    return keep_PP[None]
+
+
+MASK_TYPES = (BlockCausal, BlockDiffusion)  # the structured masks layers.attention takes
+
+
 def key_mask(mask) -> jax.Array | None:
-  """The key-padding part ({0,1} [B, S] or None) of a mask: BlockCausal or [B, S]."""
+  """The key-padding part ({0,1} [B, S] or None) of a mask: a MASK_TYPES one or [B, S]."""
+  if isinstance(mask, BlockDiffusion):
+    return None
   return mask.keys_BS if isinstance(mask, BlockCausal) else mask
 
 

@@ -7,8 +7,14 @@ import jax.numpy as jnp
 def rope_tables(length: int, head_dim: int, theta: float, start=0
                 ) -> tuple[jax.Array, jax.Array]:
   """float32 (sin, cos) [L, H] of positions start…start+L−1 (`start` may be traced)."""
+  return rope_tables_at(start + jnp.arange(length), head_dim, theta)
+
+
+def rope_tables_at(pos_L: jax.Array, head_dim: int, theta: float
+                   ) -> tuple[jax.Array, jax.Array]:
+  """float32 (sin, cos) [L, H] of the given integer positions [L]."""
   inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  pos_L = (start + jnp.arange(length)).astype(jnp.float32)
+  pos_L = jnp.asarray(pos_L).astype(jnp.float32)
   angles_LH2 = pos_L[:, None] * inv_freq_H2[None, :]
   angles_LH = jnp.concatenate([angles_LH2, angles_LH2], axis=-1)
   return jnp.sin(angles_LH), jnp.cos(angles_LH)

@@ -26,12 +26,12 @@ from llada_jax import sharding
 from llada_jax.config import ModelConfig
 from llada_jax.layers import attention as attention_lib
 from llada_jax.layers.attention import KVCache
-from llada_jax.layers.masks import BlockCausal
+from llada_jax.layers.masks import MASK_TYPES
 from llada_jax.layers.mlp import swiglu
 from llada_jax.layers.norms import rms_norm
 from llada_jax.layers import params as params_lib
 from llada_jax.layers.params import ParamSpec, make_param
-from llada_jax.layers.rope import apply_rope, rope_tables
+from llada_jax.layers.rope import apply_rope, rope_tables, rope_tables_at
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -203,8 +203,9 @@ class Transformer(nnx.Module):
     return x_BWD, kv, aux
 
   def _run(self, ids_BW, mask_BS, start, cache: KVCache | None, return_kv: bool,
-           fresh_from=None, head: bool = True):
-    """Embed -> runs of scanned layers -> ln_f -> head, for positions start…start+W−1.
+           fresh_from=None, head: bool = True, positions_W=None, embed_noise_BWD=None):
+    """Embed -> runs of scanned layers -> ln_f -> head, for positions start…start+W−1
+    (or the RoPE positions `positions_W` [W]; `embed_noise_BWD` is added to the embeddings).
 
     -> (logits [B, W, V] float32, KVCache or None, {aux loss: [] summed over layers});
     `head=False` stops after ln_f: hidden states [B, W, D] in place of the logits.
@@ -212,10 +213,15 @@ class Transformer(nnx.Module):
     cfg = self.config
     dt = DTYPES[cfg.dtype]
     ids_BW = jnp.asarray(ids_BW, jnp.int32)
-    x_BWD = self._constrain(jnp.take(self.wte[...], ids_BW, axis=0).astype(dt),
-                            ("batch", "length", "embed"))
-    sin_WR, cos_WR = rope_tables(ids_BW.shape[1], cfg.rotary_dim, cfg.rope_theta, start)
-    if mask_BS is not None and not isinstance(mask_BS, BlockCausal):
+    x_BWD = jnp.take(self.wte[...], ids_BW, axis=0).astype(dt)
+    if embed_noise_BWD is not None:
+      x_BWD = x_BWD + embed_noise_BWD.astype(dt)
+    x_BWD = self._constrain(x_BWD, ("batch", "length", "embed"))
+    if positions_W is None:
+      sin_WR, cos_WR = rope_tables(ids_BW.shape[1], cfg.rotary_dim, cfg.rope_theta, start)
+    else:
+      sin_WR, cos_WR = rope_tables_at(positions_W, cfg.rotary_dim, cfg.rope_theta)
+    if mask_BS is not None and not isinstance(mask_BS, MASK_TYPES):
       mask_BS = jnp.asarray(mask_BS)
     kvs, aux = [], {}
     for block, weights, first, count in self.segments():
@@ -247,12 +253,19 @@ class Transformer(nnx.Module):
     return self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=False)[0]
 
   def forward_with_aux(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None,
-                       head: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+                       head: bool = True, *, positions_L: jax.Array | None = None,
+                       embed_noise_BLD: jax.Array | None = None
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Forward that also returns the auxiliary training losses ({} for dense models;
     MoE: load_balancing_loss and router_z_loss, summed over layers). `head=False`:
-    the final normed hidden states [B, L, D] in place of the logits (as `forward_hidden`)."""
+    the final normed hidden states [B, L, D] in place of the logits (as `forward_hidden`).
+
+    For training objectives: `attention_mask_BL` may be a `layers.masks` mask
+    (e.g. `BlockDiffusion`), `positions_L` int [L] the RoPE positions (default
+    0…L−1), `embed_noise_BLD` a perturbation added to the token embeddings."""
     out, _, aux = self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=False,
-                            head=head)
+                            head=head, positions_W=positions_L,
+                            embed_noise_BWD=embed_noise_BLD)
     return out, aux
 
   def forward_with_cache(self, input_ids_BL: jax.Array,

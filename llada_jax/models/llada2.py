@@ -107,11 +107,12 @@ class Transformer(llada_moe.Transformer):
     mask = attention_mask(attention_mask_BL, block_length)
     return self._run(input_ids_BL, mask, 0, None, return_kv=False)[0]
 
-  def forward_with_aux(self, input_ids_BL, attention_mask_BL=None,
-                       block_length: int | None = None):
-    mask = attention_mask(attention_mask_BL, block_length)
-    logits_BLV, _, aux = self._run(input_ids_BL, mask, 0, None, return_kv=False)
-    return logits_BLV, aux
+  def forward_with_aux(self, input_ids_BL, attention_mask_BL=None, head: bool = True,
+                       block_length: int | None = None, **training_inputs):
+    """`llada.Transformer.forward_with_aux` (`training_inputs`: positions_L,
+    embed_noise_BLD), block-causal with `block_length`."""
+    return super().forward_with_aux(input_ids_BL, attention_mask(attention_mask_BL, block_length),
+                                    head, **training_inputs)
 
   def forward_with_cache(self, input_ids_BL, attention_mask_BL=None,
                          block_length: int | None = None):

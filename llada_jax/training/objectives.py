@@ -15,6 +15,10 @@ keys, which equals running the shorter sequence.
 
 SFT: the prompt is never masked; the EOS padding of the answer is trained;
 loss = (1/B) Σ_rows (1/answer_len) Σ_masked CE / p_mask.
+
+CAP (LLaDA2's confidence-aware parallel loss, `cap_entropy`) adds λ times the
+entropy of the predictions on the masked tokens already predicted correctly.
+The block-diffusion objectives are in `block_objectives.py`.
 """
 
 from __future__ import annotations
@@ -44,6 +48,18 @@ class Noise(NamedTuple):
   p_mask_BL: jax.Array
   weight_BL: jax.Array
   attention_mask_BL: jax.Array
+
+
+class Inputs(NamedTuple):
+  """A batch's objective inputs (rows on axis 0, split into micro-batches).
+
+  targets_BL: int32 clean tokens the loss scores.
+  noise: the forward process applied to them.
+  embed_noise_BLD: float32 perturbation of the masked tokens' embeddings, or None.
+  """
+  targets_BL: jax.Array
+  noise: Noise
+  embed_noise_BLD: jax.Array | None = None
 
 
 def mask_tokens(rng: jax.Array, ids_BL: jax.Array, mask_id: int, eps: float = EPS,
@@ -107,6 +123,18 @@ def weighted_loss(ce_BL: jax.Array, noise: Noise) -> jax.Array:
 def masked_loss(logits_BLV: jax.Array, targets_BL: jax.Array, noise: Noise) -> jax.Array:
   """The batch's loss (nats) from full logits [B, L, V]."""
   return weighted_loss(cross_entropy(logits_BLV, targets_BL), noise)
+
+
+def cap_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, noise: Noise) -> jax.Array:
+  """The confidence term of LLaDA2's CAP loss (L = L_SFT + λ · this): the entropy
+  (nats) of the prediction at every masked position the model already predicts
+  correctly (argmax = target), weighted by `noise.weight_BL` (the loss's
+  per-row normaliser, without 1/p_mask), so micro-batches sum like the loss."""
+  logits_BLV = logits_BLV.astype(jnp.float32)
+  logp_BLV = jax.nn.log_softmax(logits_BLV, axis=-1)
+  entropy_BL = -jnp.sum(jnp.exp(logp_BLV) * logp_BLV, axis=-1)
+  correct_BL = jnp.argmax(logits_BLV, axis=-1) == targets_BL
+  return jnp.sum(jnp.where(noise.masked_BL & correct_BL, entropy_BL * noise.weight_BL, 0.0))
 
 
 def chunked_masked_loss(x_BLD: jax.Array, head_DV: jax.Array, targets_BL: jax.Array,

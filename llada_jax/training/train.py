@@ -13,6 +13,7 @@ and `checkpoints/` (Orbax steps with items `params`, `opt_state`, `data`, `meta`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -20,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import grain
 import jax
@@ -44,8 +45,10 @@ from llada_jax.checkpoints import hub
 from llada_jax.checkpoints import layout
 from llada_jax.checkpoints import loading
 from llada_jax.config import ModelConfig, config_from_model_dir
+from llada_jax.layers.masks import BlockDiffusion
 from llada_jax import models
 from llada_jax.sampling.sampler import generate
+from llada_jax.training import block_objectives
 from llada_jax.training import data as data_lib
 from llada_jax.training import flops as flops_lib
 from llada_jax.training import objectives
@@ -62,26 +65,31 @@ def log(msg: str) -> None:
 
 # ---- the compiled step ----------------------------------------------------------
 
-def make_noise(rng: jax.Array, batch: dict[str, jax.Array], kind: str, mask_id: int
-               ) -> objectives.Noise:
-  if kind == "sft":
-    return objectives.sft_noise(rng, batch["input_ids"], batch["prompt_len"], mask_id)
-  return objectives.pretrain_noise(rng, batch["input_ids"], mask_id)
-
-
 def model_loss(model: nnx.Module, ids_BL: jax.Array, noise: objectives.Noise,
-               vocab_chunk: int = 0, attention_mask_BL: jax.Array | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+               vocab_chunk: int = 0, attention_mask_BL: jax.Array | None = None, *,
+               block_length: int = 0, embed_noise_BLD: jax.Array | None = None,
+               cap_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The masked-diffusion loss (nats) of `model` on `noise.noisy_BL`, plus the
   weighted router losses of MoE models -> (loss, {aux loss name: unweighted value}).
 
   vocab_chunk > 0 (and < V): cross-entropy over chunks of that many vocabulary
   columns from the final hidden states, never forming the [B, L, V] logits;
   0: from the model's full float32 logits. Equal to float tolerance.
+  block_length > 0: the block-diffusion forward of [x_t ; x_0] (`block_objectives`),
+  scored on the noisy half; `embed_noise_BLD` perturbs the noisy half's embeddings.
+  cap_weight > 0 (full logits only): + cap_weight · the CAP entropy term, which
+  the aux dict also holds ("cap_entropy", unweighted).
   """
   cfg = model.config
   chunked = 0 < vocab_chunk < cfg.embedding_size
-  out, aux = model.forward_with_aux(noise.noisy_BL, attention_mask_BL, head=not chunked)
+  if block_length:
+    input_ids, positions_L = block_objectives.model_input(noise.noisy_BL, ids_BL)
+    out, aux = model.forward_with_aux(
+        input_ids, BlockDiffusion(block_length), head=not chunked, positions_L=positions_L,
+        embed_noise_BLD=block_objectives.embed_noise_input(embed_noise_BLD))
+    out = block_objectives.noisy_half(out)
+  else:
+    out, aux = model.forward_with_aux(noise.noisy_BL, attention_mask_BL, head=not chunked)
   if not chunked:
     loss = objectives.masked_loss(out, ids_BL, noise)
   else:
@@ -90,34 +98,109 @@ def model_loss(model: nnx.Module, ids_BL: jax.Array, noise: objectives.Noise,
                                           noise, vocab_chunk, scale)
   coefs = {"load_balancing_loss": cfg.router_aux_loss_coef,
            "router_z_loss": cfg.router_z_loss_coef}
-  return loss + sum(coefs[k] * v for k, v in aux.items()), aux
+  loss = loss + sum(coefs[k] * v for k, v in aux.items())
+  if cap_weight:
+    aux = {**aux, "cap_entropy": objectives.cap_entropy(out, ids_BL, noise)}
+    loss = loss + cap_weight * aux["cap_entropy"]
+  return loss, aux
+
+
+# ---- the objective of each `kind` -----------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+  """What the objectives read from the configs (static under jit)."""
+  mask_id: int
+  d_model: int
+  vocab_chunk: int = 0
+  cap_weight: float = 0.0
+  block: block_objectives.BlockSettings | None = None
+
+
+def loss_options(cfg, model_cfg: ModelConfig) -> LossOptions:
+  block = None
+  if OBJECTIVES[cfg.kind].block:
+    block = block_objectives.BlockSettings(
+        cfg.block_length, cfg.t_min, cfg.t_max, cfg.complementary_masking,
+        cfg.embed_noise_std, cfg.embed_noise_steps)
+  return LossOptions(model_cfg.mask_token_id, model_cfg.d_model, cfg.loss_vocab_chunk,
+                     cfg.get("cap_weight", 0.0), block)
+
+
+def _diffusion_inputs(rng, batch, step, o: LossOptions, train: bool = True):
+  """LLaDA's objective (SPEC §5); held out: the stratified ELBO noise."""
+  del step
+  ids_BL, prompt_len = batch["input_ids"], batch.get("prompt_len")
+  if not train:
+    return objectives.Inputs(ids_BL, objectives.elbo_noise(rng, ids_BL, o.mask_id, prompt_len))
+  if prompt_len is None:
+    return objectives.Inputs(ids_BL, objectives.pretrain_noise(rng, ids_BL, o.mask_id))
+  return objectives.Inputs(ids_BL, objectives.sft_noise(rng, ids_BL, prompt_len, o.mask_id))
+
+
+def _block_inputs(rng, batch, step, o: LossOptions, train: bool = True):
+  """`block_objectives.block_inputs`; held out: t ~ U[0, 1], no complement or embedding noise."""
+  s = o.block if train else block_objectives.BlockSettings(o.block.block_length)
+  return block_objectives.block_inputs(rng, batch["input_ids"], o.mask_id, s, o.d_model, step,
+                                       batch.get("prompt_len"))
+
+
+def _loss(model, inputs: objectives.Inputs, o: LossOptions, train: bool = True):
+  """`model_loss` of the inputs: block-diffusion when the options have block settings."""
+  return model_loss(model, inputs.targets_BL, inputs.noise, o.vocab_chunk,
+                    inputs.noise.attention_mask_BL, block_length=o.block.block_length if o.block
+                    else 0, embed_noise_BLD=inputs.embed_noise_BLD,
+                    cap_weight=o.cap_weight if train else 0.0)
+
+
+class Objective(NamedTuple):
+  """What a `kind` trains. data: the rows it reads ("pretrain": packed documents,
+  "sft": + prompt_len); inputs(rng, batch, step, options, train) -> an
+  `objectives.Inputs` (split into micro-batches); loss(model, inputs, options,
+  train) -> (loss, {aux metric: value}); block: reads the block settings."""
+  data: str
+  inputs: Callable
+  loss: Callable
+  block: bool = False
+
+
+OBJECTIVES = {
+    "pretrain": Objective("pretrain", _diffusion_inputs, _loss),
+    "sft": Objective("sft", _diffusion_inputs, _loss),
+    "block_pretrain": Objective("pretrain", _block_inputs, _loss, block=True),
+    "block_sft": Objective("sft", _block_inputs, _loss, block=True),
+}
 
 
 def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
                model_cfg: ModelConfig, tx: optax.GradientTransformation,
                schedule: optax.Schedule, kind: str, micro_batches: int, seed: int,
-               vocab_chunk: int = 0) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+               options: LossOptions | None = None
+               ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One optimiser step on a global batch.
 
   state: {"params": float32 param pytree, "opt_state", "step": int32 [],
     "lr_scale": float32 [] (the rollbacks' factor on the schedule; traced, so
     changing it reuses the compiled step)}.
   batch: {"input_ids": int32 [B, L]} (+ "prompt_len": int32 [B] for SFT).
+  `kind` picks the objective (OBJECTIVES); `options` default to the model's.
   A non-finite loss or gradient leaves params and optimiser state untouched
   (metrics["finite"] = 0); the step counter advances either way.
   """
+  objective = OBJECTIVES[kind]
+  options = options or LossOptions(model_cfg.mask_token_id, model_cfg.d_model)
   rng = jax.random.fold_in(jax.random.key(seed), state["step"])
-  noise = make_noise(rng, batch, kind, model_cfg.mask_token_id)
+  inputs = objective.inputs(rng, batch, state["step"], options)
 
   def loss_fn(params, mb):
-    ids_BL, nz = mb
-    loss, aux = model_loss(nnx.merge(graphdef, params), ids_BL, nz, vocab_chunk,
-                           nz.attention_mask_BL)
-    return loss, {"masked_tokens": jnp.sum(nz.masked_BL),
-                  **{k: v / micro_batches for k, v in aux.items()}}  # summed over micro-batches
+    loss, aux = objective.loss(nnx.merge(graphdef, params), mb, options)
+    # Summed over micro-batches: the router losses are per-micro-batch means, the
+    # CAP term is normalised by the whole batch like the loss.
+    return loss, {"masked_tokens": jnp.sum(mb.noise.masked_BL),
+                  **{k: v if k == "cap_entropy" else v / micro_batches for k, v in aux.items()}}
 
   loss, grads, aux = optimizer_lib.accumulate_gradients(
-      loss_fn, state["params"], (batch["input_ids"], noise), micro_batches)
+      loss_fn, state["params"], inputs, micro_batches)
   masked = aux.pop("masked_tokens")
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -135,12 +218,14 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: 
 
 
 def eval_step(params: dict[str, Any], batch: dict[str, jax.Array], rng: jax.Array, *,
-              graphdef: nnx.GraphDef, model_cfg: ModelConfig, vocab_chunk: int = 0
-              ) -> jax.Array:
-  """Negative ELBO (nats per scored token) of a held-out batch, one noise draw."""
-  noise = objectives.elbo_noise(rng, batch["input_ids"], model_cfg.mask_token_id,
-                                batch.get("prompt_len"))
-  return model_loss(nnx.merge(graphdef, params), batch["input_ids"], noise, vocab_chunk)[0]
+              graphdef: nnx.GraphDef, model_cfg: ModelConfig, kind: str = "pretrain",
+              options: LossOptions | None = None) -> jax.Array:
+  """Negative ELBO (nats per scored token) of a held-out batch under `kind`'s
+  objective (block kinds: the block-diffusion one), one noise draw."""
+  objective = OBJECTIVES[kind]
+  options = options or LossOptions(model_cfg.mask_token_id, model_cfg.d_model)
+  inputs = objective.inputs(rng, batch, 0, options, train=False)
+  return objective.loss(nnx.merge(graphdef, params), inputs, options, train=False)[0]
 
 
 # ---- sharded state ----------------------------------------------------------------
@@ -158,7 +243,7 @@ def batch_shardings(mesh: Mesh, kind: str, rules=sharding.DEFAULT_RULES) -> dict
   """Shardings of a batch dict: input_ids [B, L] (+ prompt_len [B] for SFT)."""
   rows = batch_sharding(mesh, rules)
   out = {"input_ids": rows}
-  if kind == "sft":
+  if OBJECTIVES[kind].data == "sft":
     out["prompt_len"] = NamedSharding(mesh, P(rows.spec[0]))
   return out
 
@@ -193,7 +278,7 @@ def compile_train_step(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, m
   step_fn = functools.partial(train_step, graphdef=graphdef, model_cfg=model_cfg, tx=tx,
                               schedule=schedule, kind=cfg.kind,
                               micro_batches=cfg.micro_batches, seed=cfg.seed,
-                              vocab_chunk=cfg.loss_vocab_chunk)
+                              options=loss_options(cfg, model_cfg))
   batch_sh = batch_shardings(mesh, cfg.kind, rules)
   jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh),
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
@@ -244,7 +329,7 @@ def resolve_tokenizer(cfg, workdir: str, train_docs) -> tuple[Any, str]:
     raise FileNotFoundError(f"config.tokenizer.path: no tokenizer.model / tokenizer.json in "
                             f"{cfg.tokenizer.path!r}")
   if not cfg.tokenizer.train_vocab_size:
-    if cfg.kind == "pretrain" and len(train_docs) and "ids" in train_docs[0]:
+    if OBJECTIVES[cfg.kind].data == "pretrain" and len(train_docs) and "ids" in train_docs[0]:
       return None, None  # pre-tokenized documents
     raise ValueError("config.tokenizer: set `path`, or `train_vocab_size` to train one")
   if jax.process_index() == 0:
@@ -400,8 +485,9 @@ class _StepEnd:
     line = {"loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"],
             "tokens_per_s": tok_s, "tflops_per_device": tflops,
             "mfu": tflops * 1e12 / self.peak, "skipped_steps": self.meta["skipped_steps"]}
-    router = {k: last[k] for k in ("load_balancing_loss", "router_z_loss") if k in last}
-    line.update(router)  # MoE models: the router losses, logged apart from the loss
+    router = {k: last[k] for k in ("load_balancing_loss", "router_z_loss", "cap_entropy")
+              if k in last}
+    line.update(router)  # MoE models' router losses and the CAP term, apart from the loss
     log(f"step {step}/{self.cfg.total_steps} loss {line['loss']:.4f} lr {line['lr']:.3g} "
         f"grad_norm {line['grad_norm']:.3f} tokens/s {tok_s:,.0f} "
         f"TFLOP/s/device {tflops:.4g} MFU {100 * line['mfu']:.2f}% "
@@ -471,13 +557,13 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   validate.check_resume(workdir, model_cfg.to_hf(), json.loads(cfg.to_json_best_effort()))
   pc, pi = jax.process_count(), jax.process_index()
   dataset = data_lib.train_dataset(
-      train_docs, tokenizer, kind=cfg.kind, seq_len=cfg.seq_len, batch_size=cfg.batch_size // pc,
-      seed=cfg.seed, eos_id=model_cfg.eos_token_id, process_index=pi, process_count=pc,
-      prefetch=cfg.data.prefetch)
+      train_docs, tokenizer, kind=OBJECTIVES[cfg.kind].data, seq_len=cfg.seq_len,
+      batch_size=cfg.batch_size // pc, seed=cfg.seed, eos_id=model_cfg.eos_token_id,
+      process_index=pi, process_count=pc, prefetch=cfg.data.prefetch)
   iterator = iter(dataset)
-  evals = data_lib.eval_batches(eval_docs, tokenizer, kind=cfg.kind, seq_len=cfg.seq_len,
-                                batch_size=cfg.eval_batch_size, num_batches=cfg.eval_batches,
-                                eos_id=model_cfg.eos_token_id)
+  evals = data_lib.eval_batches(eval_docs, tokenizer, kind=OBJECTIVES[cfg.kind].data,
+                                seq_len=cfg.seq_len, batch_size=cfg.eval_batch_size,
+                                num_batches=cfg.eval_batches, eos_id=model_cfg.eos_token_id)
   unigram_bits = data_lib.unigram_entropy_bits(evals)
 
   mngr = workdir_lib.manager(workdir, cfg.checkpoint.every_steps, cfg.checkpoint.keep)
@@ -502,7 +588,7 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     workdir_lib.write_model_files(workdir, model_cfg, tokenizer_dir, cfg.to_json_best_effort(
         indent=2))
   eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, model_cfg=model_cfg,
-                                      vocab_chunk=cfg.loss_vocab_chunk))
+                                      kind=cfg.kind, options=loss_options(cfg, model_cfg)))
 
   n_devices = jax.device_count()
   peak, peak_source = ((cfg.peak_flops, "config") if cfg.peak_flops
@@ -515,8 +601,10 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   metrics_file = paths.AppendFile(os.path.join(workdir, "metrics.jsonl")) if pi == 0 else None
   preemption = _Preemption()
   step = int(latest or 0)
-  flops_per_step = (cfg.batch_size * cfg.seq_len
-                    * flops_lib.flops_per_token(model_cfg, cfg.seq_len) / n_devices)
+  tokens, length = cfg.batch_size * cfg.seq_len, cfg.seq_len
+  if OBJECTIVES[cfg.kind].block:  # [x_t ; x_0]: 2L positions (and 2B rows with complements)
+    tokens, length = tokens * (4 if cfg.complementary_masking else 2), 2 * cfg.seq_len
+  flops_per_step = tokens * flops_lib.flops_per_token(model_cfg, length) / n_devices
   step_end = _StepEnd(cfg, meta, _progress(cfg.total_steps, step), metrics_file, writer,
                     flops_per_step, peak, on_step)
   # The host runs one step ahead: step n+1 is dispatched (and its batch made)
@@ -594,8 +682,9 @@ def write_samples(cfg, graphdef, params, evals, tokenizer, mesh) -> None:
     return
   model = nnx.merge(graphdef, params)
   prompt_ids = np.asarray(evals[0]["input_ids"][:s.num, :s.prompt_len])
+  block_length = cfg.block_length if OBJECTIVES[cfg.kind].block else s.gen_length
   out = generate(model, prompt_ids, steps=s.steps, gen_length=s.gen_length,
-                 block_length=s.gen_length)
+                 block_length=block_length)
   for prompt, row in zip(prompt_ids, np.asarray(out)):
     log(f"sample: {tokenizer.decode(prompt.tolist())!r} -> "
         f"{tokenizer.decode(row[len(prompt):].tolist())!r}")

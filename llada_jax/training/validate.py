@@ -25,6 +25,8 @@ from llada_jax.checkpoints import layout
 # Keys of train_config.json a resumed run may not change: they define what the
 # checkpoint holds (the model is compared through config.json, key by key).
 FROZEN_KEYS = ("kind",)
+# Training objectives (`train.OBJECTIVES`): LLaDA's (SPEC §5) and block diffusion's.
+KINDS = ("pretrain", "sft", "block_pretrain", "block_sft")
 WORKDIR_FILES = (layout.CONFIG_FILE, layout.TRAIN_CONFIG_FILE, layout.CHECKPOINTS_DIR,
                  "metrics.jsonl", "tensorboard", "tokenizer.model", "tokenizer.vocab",
                  "tokenizer_corpus.txt", "broken_checkpoints") + layout.TOKENIZER_FILES
@@ -109,8 +111,9 @@ def mesh_shape(cfg, device_count: int) -> tuple[int, int, int]:
 def check_config(cfg, process_count: int = 1, device_count: int = 1) -> None:
   """Every value the trainer reads; ValueError naming the first bad key."""
   kind = _get(cfg, "kind")
-  if kind not in ("pretrain", "sft"):
-    _fail("kind", kind, "is not 'pretrain' or 'sft'")
+  if kind not in KINDS:
+    _fail("kind", kind, f"is not one of {', '.join(map(repr, KINDS))}")
+  _check_objective(cfg, kind)
   total = _int(cfg, "total_steps", 1)
   for key in ("seq_len", "batch_size", "micro_batches", "log_every", "eval_batches",
               "eval_batch_size", "eval_samples", "max_nonfinite_in_a_row",
@@ -132,6 +135,40 @@ def check_config(cfg, process_count: int = 1, device_count: int = 1) -> None:
   init_from = _get(cfg, "init_from")
   if init_from and not paths.isdir(init_from):
     _fail("init_from", init_from, "is not a directory")
+
+
+def _check_objective(cfg, kind: str) -> None:
+  """The block-diffusion and CAP settings (`training/block_objectives.py`, `objectives.py`)."""
+  block_keys = {"t_min": 0.0, "t_max": 1.0, "complementary_masking": False,
+                "embed_noise_std": 0.0, "embed_noise_steps": 0}
+  if kind.startswith("block_"):
+    length = _int(cfg, "block_length", 1)
+    seq_len = _get(cfg, "seq_len")
+    if _is_int(seq_len) and seq_len % length:
+      _fail("block_length", length, f"does not divide config.seq_len={seq_len}")
+    t_min, t_max = _real(cfg, "t_min", 0, 1), _real(cfg, "t_max", 0, 1)
+    if t_min is not None and t_max is not None and t_min > t_max:
+      _fail("t_min", t_min, f"is above config.t_max={t_max}")
+    if not isinstance(_get(cfg, "complementary_masking", False), bool):
+      _fail("complementary_masking", _get(cfg, "complementary_masking"), "expected True/False")
+    _real(cfg, "embed_noise_std", 0)
+    _int(cfg, "embed_noise_steps", 0)
+    if _get(cfg, "samples.num") and _is_int(_get(cfg, "samples.gen_length")) and (
+        cfg.samples.gen_length % length):
+      _fail("samples.gen_length", cfg.samples.gen_length,
+            f"is not a multiple of config.block_length={length} (samples decode by blocks)")
+  else:
+    for key, default in block_keys.items():
+      if _get(cfg, key, default) != default:
+        _fail(key, _get(cfg, key), f"only the block kinds read it (config.kind={kind!r})")
+  cap = _real(cfg, "cap_weight", 0)
+  if cap:
+    if kind not in ("sft", "block_sft"):
+      _fail("cap_weight", cap, f"CAP is an SFT loss: needs config.kind 'sft' or 'block_sft', "
+            f"not {kind!r}")
+    if _get(cfg, "loss_vocab_chunk"):
+      _fail("cap_weight", cap, "the CAP entropy needs the full logits: set "
+            "config.loss_vocab_chunk=0")
 
 
 def _check_optimizer(cfg, total_steps: int) -> None:

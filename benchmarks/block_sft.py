@@ -1,0 +1,124 @@
+"""Block-diffusion SFT on a task with measurable accuracy: does `block_sft` keep it?
+
+  python -m benchmarks.block_sft --workdir runs/block_sft [--output out/block_sft.json]
+      [--sft_steps 400] [--block_steps 150] [--cap_weight 0.5] [--num_test 64] [--skip_train]
+
+1. Task: `benchmarks.fast_sampling`'s (sort 6–10 digits, "3141592" ->
+   "1123459"; a list is held out when the MD5 of its text is 0 mod 10), its
+   300-token SentencePiece vocabulary, rows of prompt + 16 positions.
+2. `sft`: a configs/tiny.py-shaped LLaDA trained from scratch with the trainer
+   (`kind=sft`, --sft_steps).
+3. `block_sft`: that model fine-tuned with `kind=block_sft` (block 8,
+   complementary masking, --block_steps); `block_sft_cap`: the same with the
+   CAP term (--cap_weight). Both from the `sft` workdir, same seeds.
+4. Each model (and the `sft` one before stage 3) on --num_test held-out lists:
+   exact-match accuracy with semi-autoregressive `generate` (gen_length 16,
+   block 8) at steps = gen_length, and with threshold 0.9 decoding together
+   with its NFE per generated token (what CAP's sharper predictions should
+   lower). Non-timing figures; JSON to stdout (and --output) with the
+   training wall seconds and the load average.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+from benchmarks import common
+from benchmarks import fast_sampling
+import llada_jax
+from llada_jax import tokenizer as tokenizer_lib
+from llada_jax.frontends import settings as frontend
+from llada_jax.training import train as train_lib
+
+FLAGS = flags.FLAGS
+GEN_LENGTH, BLOCK_LENGTH = 16, 8
+MODES = ({"steps": GEN_LENGTH}, {"steps": GEN_LENGTH, "threshold": 0.9})
+
+
+def _define_flags():
+  flags.DEFINE_string("workdir", "runs/block_sft", "Data, tokenizer and training runs.")
+  flags.DEFINE_integer("sft_steps", 400, "SFT steps from scratch (stage 2), batch 32.")
+  flags.DEFINE_integer("block_steps", 150, "block_sft steps from the SFT model (stage 3), "
+                       "batch 16 (32 rows with the complements).")
+  flags.DEFINE_float("cap_weight", 0.5, "CAP weight of the block_sft_cap run (0: no such run).")
+  flags.DEFINE_integer("num_test", 64, "Held-out lists scored per model and mode.")
+  flags.DEFINE_bool("skip_train", False, "Use the trained models already in --workdir.")
+  flags.DEFINE_string("output", None, "Also write the JSON here.")
+
+
+def accuracy(model, tok, records, mode: dict) -> dict:
+  """Exact-match accuracy and NFE per generated token of `mode` (batches of 8)."""
+  ids = fast_sampling.prompt_ids(tok, records)
+  correct, nfe_sum, batches = 0, 0, 0
+  for start in range(0, len(ids), 8):
+    rows = ids[start:start + 8]
+    width = max(map(len, rows))
+    x, mask = frontend.left_pad(rows, width, tok.pad_id, num_rows=8)
+    out, nfe = llada_jax.generate(model, x, mask, gen_length=GEN_LENGTH,
+                                  block_length=BLOCK_LENGTH, return_nfe=True, **mode)
+    out = np.asarray(out)
+    for r, rec in enumerate(records[start:start + 8]):
+      correct += tok.decode(out[r, width:].tolist()).strip() == rec["response"]
+    nfe_sum, batches = nfe_sum + nfe, batches + 1
+  return {"mode": mode, "accuracy": correct / len(records),
+          "nfe_per_token": nfe_sum / batches / GEN_LENGTH}
+
+
+def block_config(paths, seq_len: int, steps: int, init_from: str, cap_weight: float):
+  """fast_sampling's SFT config turned into block_sft from `init_from`."""
+  cfg = fast_sampling.train_config(paths, seq_len=seq_len, steps=steps, batch_size=16, lr=1e-3,
+                                   init_from=init_from)
+  cfg.kind, cfg.block_length, cfg.complementary_masking = "block_sft", BLOCK_LENGTH, True
+  cfg.cap_weight = cap_weight
+  return cfg
+
+
+def run(workdir: str, *, sft_steps: int, block_steps: int, cap_weight: float, num_test: int,
+        skip_train: bool) -> dict:
+  workdir = os.path.abspath(workdir)  # Orbax reads absolute paths only
+  paths = fast_sampling.make_task(os.path.join(workdir, "task"), num_train=50_000, num_test=500)
+  tok = tokenizer_lib.load_tokenizer(paths["tokenizer"])
+  with open(paths["test"]) as f:
+    records = [json.loads(line) for line in f][:num_test]
+  prompt_len = max(len(p) for p in fast_sampling.prompt_ids(tok, records))
+  seq_len = -(-(prompt_len + GEN_LENGTH) // BLOCK_LENGTH) * BLOCK_LENGTH
+  names = ("sft", "block_sft") + (("block_sft_cap",) if cap_weight else ())
+  runs = {name: os.path.join(workdir, name) for name in names}
+  seconds = {}
+  if not skip_train:
+    start = time.perf_counter()
+    train_lib.train_and_evaluate(fast_sampling.train_config(
+        paths, seq_len=seq_len, steps=sft_steps, batch_size=32, lr=3e-3), runs["sft"])
+    seconds["sft"] = time.perf_counter() - start
+    for name, cap in (("block_sft", 0.0), ("block_sft_cap", cap_weight))[:len(runs) - 1]:
+      start = time.perf_counter()
+      train_lib.train_and_evaluate(block_config(paths, seq_len, block_steps, runs["sft"], cap),
+                                   runs[name])
+      seconds[name] = time.perf_counter() - start
+  results = {}
+  for name, path in runs.items():
+    model = llada_jax.load(path)
+    results[name] = [accuracy(model, tok, records, mode) for mode in MODES]
+    print(json.dumps({name: results[name]}), flush=True)
+  return {"task": "sort 6-10 digits", "gen_length": GEN_LENGTH, "block_length": BLOCK_LENGTH,
+          "seq_len": seq_len, "num_test": len(records), "sft_steps": sft_steps,
+          "block_steps": block_steps, "cap_weight": cap_weight, "train_seconds": seconds,
+          "load_average": os.getloadavg(), "machine": common.machine(), "results": results}
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  common.write_json(run(FLAGS.workdir, sft_steps=FLAGS.sft_steps, block_steps=FLAGS.block_steps,
+                        cap_weight=FLAGS.cap_weight, num_test=FLAGS.num_test,
+                        skip_train=FLAGS.skip_train), FLAGS.output)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
