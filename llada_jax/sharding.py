@@ -8,9 +8,11 @@ change the policy; the model needs no change.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -112,9 +114,32 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
                       is_leaf=lambda x: isinstance(x, P))
 
 
-def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules | None,
-              mesh: Mesh | None) -> jax.Array:
-  """Sharding constraint on an activation by logical names; no-op without a mesh."""
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("llada_jax_activation_mesh",
+                                                          default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
+  """Code traced inside places activations on `mesh` by `rules` (`constrain`, the
+  shard_map'd kernels); `mesh=None` turns that off."""
+  token = _ACTIVE.set(None if mesh is None else (mesh, tuple(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def active_mesh() -> tuple[Mesh | None, Rules]:
+  """(mesh, rules) of the innermost `activation_mesh`, or (None, DEFAULT_RULES)."""
+  return _ACTIVE.get() or (None, DEFAULT_RULES)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules | None = None,
+              mesh: Mesh | None = None) -> jax.Array:
+  """Sharding constraint on an activation by logical names: on `mesh` by `rules`,
+  else those of the active `activation_mesh`; no-op without a mesh."""
+  if mesh is None:
+    mesh, rules = active_mesh()
   if mesh is None or rules is None:
     return x
   return jax.lax.with_sharding_constraint(

@@ -12,7 +12,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from llada_jax import sharding
 from llada_jax.layers import masks
 
 
@@ -66,25 +68,44 @@ def splash_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   Padding is expressed as segment ids (real = 1, pad = 0), so real queries see
   only real keys, as in `xla_attention`. Needs L and S multiples of 128 on TPU;
   `interpret=True` runs the kernel's reference interpreter (any backend).
+  Under a `sharding.activation_mesh` the kernel runs in `jax.shard_map`: batch
+  over the mesh axes of `batch`, heads over those of `heads` (a dimension that
+  does not divide its axes is replicated, as everywhere in `sharding`).
   """
-  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
-      splash_attention_kernel as sk)
   B, L, N, H = q_BLNH.shape
   S, K = k_BSKH.shape[1], k_BSKH.shape[2]
-  kernel = _splash_kernel(N, L, S, interpret, block_length)
   scale = 1.0 / jnp.sqrt(jnp.float32(H)).astype(q_BLNH.dtype)
   q_BNLH = jnp.transpose(q_BLNH * scale, (0, 2, 1, 3))
   # The kernel takes one kv head per query head: group by repeating.
   k_BNSH = jnp.repeat(jnp.transpose(k_BSKH, (0, 2, 1, 3)), N // K, axis=1)
   v_BNSH = jnp.repeat(jnp.transpose(v_BSKH, (0, 2, 1, 3)), N // K, axis=1)
-  if mask_BS is None:
-    out_BNLH = jax.vmap(kernel)(q_BNLH, k_BNSH, v_BNSH)
-  else:
+  segments = None
+  if mask_BS is not None:
     seg_BS = mask_BS.astype(jnp.int32)
-    seg_BL = seg_BS if L == S else jnp.ones((B, L), jnp.int32)
-    ids = sk.SegmentIds(q=seg_BL, kv=seg_BS)
-    out_BNLH = jax.vmap(kernel)(q_BNLH, k_BNSH, v_BNSH, segment_ids=ids)
+    segments = (seg_BS if L == S else jnp.ones((B, L), jnp.int32), seg_BS)
+  local = functools.partial(_splash_local, interpret=interpret, block_length=block_length)
+  mesh, rules = sharding.active_mesh()
+  if mesh is not None:
+    heads = sharding.logical_to_spec(("batch", "heads", None, None), rules, mesh,
+                                     q_BNLH.shape, warn=False)
+    rows = P(heads[0], None)
+    local = jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, rows),
+                          out_specs=heads, check_vma=False)
+  out_BNLH = local(q_BNLH, k_BNSH, v_BNSH, segments)
   return jnp.transpose(out_BNLH, (0, 2, 1, 3)).astype(q_BLNH.dtype)
+
+
+def _splash_local(q_BNLH, k_BNSH, v_BNSH, segments, *, interpret, block_length):
+  """The kernel on (one device's shard of) the heads-major inputs; `segments` =
+  (q ids [B, L], kv ids [B, S]) or None."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+      splash_attention_kernel as sk)
+  _, N, L, _ = q_BNLH.shape
+  kernel = _splash_kernel(N, L, k_BNSH.shape[2], interpret, block_length)
+  if segments is None:
+    return jax.vmap(kernel)(q_BNLH, k_BNSH, v_BNSH)
+  ids = sk.SegmentIds(q=segments[0], kv=segments[1])
+  return jax.vmap(kernel)(q_BNLH, k_BNSH, v_BNSH, segment_ids=ids)
 
 
 def attention(q_BLNH, k_BSKH, v_BSKH, mask_BS=None, *, impl: str = "xla"):

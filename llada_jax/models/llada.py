@@ -13,6 +13,7 @@ The module knows logical axis names only; `sharding.py` maps them to a mesh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from typing import Any
@@ -209,6 +210,16 @@ class Transformer(nnx.Module):
     -> (logits [B, W, V] float32, KVCache or None, {aux loss: [] summed over layers});
     `head=False` stops after ln_f: hidden states [B, W, D] in place of the logits.
     """
+    with self._activation_mesh():
+      return self._layers(ids_BW, mask_BS, start, cache, return_kv, fresh_from, head)
+
+  def _activation_mesh(self):
+    """The model's own mesh as the `sharding.activation_mesh` (else the caller's)."""
+    if self.mesh is None or self.rules is None:
+      return contextlib.nullcontext()
+    return sharding.activation_mesh(self.mesh, self.rules)
+
+  def _layers(self, ids_BW, mask_BS, start, cache, return_kv, fresh_from, head):
     cfg = self.config
     dt = DTYPES[cfg.dtype]
     ids_BW = jnp.asarray(ids_BW, jnp.int32)
