@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import math
 from typing import Any, Iterator, Sequence
@@ -132,6 +133,15 @@ def activation_mesh(mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> Iterator
 def active_mesh() -> tuple[Mesh | None, Rules]:
   """(mesh, rules) of the innermost `activation_mesh`, or (None, DEFAULT_RULES)."""
   return _ACTIVE.get() or (None, DEFAULT_RULES)
+
+
+def under_mesh(fn, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+  """`fn` traced inside `activation_mesh(mesh, rules)` (wrap it before `jax.jit`)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with activation_mesh(mesh, rules):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules | None = None,

@@ -54,3 +54,6 @@ def test_sharded_model_gives_the_same_logits(tiny_model, reference):
   logits = sharded(ids)
   assert logits.sharding.spec[0] == ("data", "fsdp")
   np.testing.assert_allclose(logits, tiny_model(ids), atol=1e-4)
+  # A model without a mesh of its own, traced under the caller's activation mesh.
+  forward = sharding.under_mesh(lambda s, ids: nnx.merge(graphdef, s).forward(ids), mesh)
+  assert jax.jit(forward)(sharded_state, ids).sharding.spec[0] == ("data", "fsdp")

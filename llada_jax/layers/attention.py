@@ -130,7 +130,7 @@ def _project(x_BWD: jax.Array, w_DXH: jax.Array) -> jax.Array:
 
 def self_attention(p: dict[str, jax.Array], n_BWD: jax.Array, mask_BS: jax.Array | None,
                    sin_WR: jax.Array, cos_WR: jax.Array, *, impl: str, eps: float,
-                   constrain=lambda x, names: x, kv_BSKH=None, start=0, fresh_from=None):
+                   kv_BSKH=None, start=0, fresh_from=None):
   """The attention sublayer on normed inputs n [B, W, D] -> (out [B, W, D], (k, v)).
 
   p: q_proj [D, N, H], k_proj/v_proj [D, K, H], attn_out [N, H, D], and
@@ -148,8 +148,10 @@ def self_attention(p: dict[str, jax.Array], n_BWD: jax.Array, mask_BS: jax.Array
   q_BWNH, k_BWKH, v_BWKH = (_project(n_BWD, p[name]) for name in ("q_proj", "k_proj", "v_proj"))
   if "q_norm" in p:
     q_BWNH, k_BWKH = rms_norm(q_BWNH, p["q_norm"], eps), rms_norm(k_BWKH, p["k_norm"], eps)
-  q_BWNH = constrain(apply_rope(q_BWNH, sin_WR, cos_WR), ("batch", "length", "heads", "head_dim"))
-  k_BWKH = constrain(apply_rope(k_BWKH, sin_WR, cos_WR), ("batch", "length", "kv_heads", "head_dim"))
+  q_BWNH = sharding.constrain(apply_rope(q_BWNH, sin_WR, cos_WR),
+                              ("batch", "length", "heads", "head_dim"))
+  k_BWKH = sharding.constrain(apply_rope(k_BWKH, sin_WR, cos_WR),
+                              ("batch", "length", "kv_heads", "head_dim"))
   if kv_BSKH is None:
     k_BSKH, v_BSKH = k_BWKH, v_BWKH
   else:

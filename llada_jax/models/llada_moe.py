@@ -27,8 +27,8 @@ import logging
 from typing import Any, Mapping
 
 import jax
-from jax.sharding import Mesh
 
+from llada_jax import sharding
 from llada_jax.config import ModelConfig
 from llada_jax.layers import moe as moe_lib
 from llada_jax.layers.masks import key_mask
@@ -166,8 +166,8 @@ def moe_config(cfg: ModelConfig) -> moe_lib.MoEConfig:
                            routed_scaling_factor=cfg.routed_scaling_factor, impl=cfg.moe_impl)
 
 
-def moe_ffn(p: dict[str, jax.Array], n_BWD: jax.Array, cfg: ModelConfig, constrain,
-            mask_BS: jax.Array | None, *, mesh: Mesh | None = None, rules=None):
+def moe_ffn(p: dict[str, jax.Array], n_BWD: jax.Array, cfg: ModelConfig,
+            mask_BS: jax.Array | None):
   """Routed experts (+ the shared expert) on normed inputs -> ([B, W, D], aux losses).
 
   The losses weight real tokens only when the mask covers the W positions
@@ -177,10 +177,11 @@ def moe_ffn(p: dict[str, jax.Array], n_BWD: jax.Array, cfg: ModelConfig, constra
   mask_BW = mask_BS if mask_BS is not None and mask_BS.shape[1] == n_BWD.shape[1] else None
   weights = {k: p[k] for k in ("router", "expert_bias", "gate_proj", "up_proj", "down_proj")
              if k in p}
+  mesh, rules = sharding.active_mesh()
   y_BWD, aux = moe_lib.moe_layer(n_BWD, weights, moe_config(cfg), mesh=mesh, rules=rules,
                                  mask=mask_BW)
   if "shared_gate" in p:
-    y_BWD = y_BWD + swiglu(n_BWD, p["shared_gate"], p["shared_up"], p["shared_down"], constrain)
+    y_BWD = y_BWD + swiglu(n_BWD, p["shared_gate"], p["shared_up"], p["shared_down"])
   return y_BWD, {"load_balancing_loss": aux.load_balancing_loss,
                  "router_z_loss": aux.router_z_loss}
 
@@ -194,8 +195,7 @@ class Transformer(llada.Transformer):
     attention = llada._stacked(self.blocks)  # pylint: disable=protected-access
     groups = {1: llada._stacked(self.moe) if _has_moe(cfg) else {},  # pylint: disable=protected-access
               0: llada._stacked(self.dense) if _has_dense(cfg) else {}}  # pylint: disable=protected-access
-    ffns = {1: functools.partial(moe_ffn, mesh=self.mesh, rules=self.rules),
-            0: llada.dense_ffn}
+    ffns = {1: moe_ffn, 0: llada.dense_ffn}
     out, first, seen = [], 0, {0: 0, 1: 0}
     for kind, run in itertools.groupby(cfg.moe_layers):
       n = len(list(run))

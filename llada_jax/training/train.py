@@ -185,8 +185,11 @@ def state_shardings(graphdef_state: nnx.State, tx: optax.GradientTransformation,
 
 def compile_train_step(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh,
                        rules=sharding.DEFAULT_RULES):
-  """(jitted step, abstract state with shardings, optimizer, graphdef) for `cfg` on `mesh`."""
-  graphdef, abstract_params = nnx.split(models.abstract(model_cfg, mesh=mesh, rules=rules))
+  """(jitted step, abstract state with shardings, optimizer, graphdef) for `cfg` on `mesh`.
+
+  The model holds no mesh: the step is traced under `sharding.activation_mesh`.
+  """
+  graphdef, abstract_params = nnx.split(models.abstract(model_cfg))
   tx, schedule = optimizer_lib.from_config(cfg)
   abstract, shardings = state_shardings(abstract_params, tx, mesh, rules)
   step_fn = functools.partial(train_step, graphdef=graphdef, model_cfg=model_cfg, tx=tx,
@@ -194,7 +197,8 @@ def compile_train_step(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, m
                               micro_batches=cfg.micro_batches, seed=cfg.seed,
                               vocab_chunk=cfg.loss_vocab_chunk)
   batch_sh = batch_shardings(mesh, cfg.kind, rules)
-  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh),
+  jitted = jax.jit(sharding.under_mesh(step_fn, mesh, rules),
+                   in_shardings=(shardings, batch_sh),
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
   return jitted, abstract, tx, graphdef
 
@@ -492,8 +496,8 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:  # only now: a refused or failed restore leaves them as they were
     workdir_lib.write_model_files(workdir, model_cfg, tokenizer_dir, cfg.to_json_best_effort(
         indent=2))
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, model_cfg=model_cfg,
-                                      vocab_chunk=cfg.loss_vocab_chunk))
+  eval_fn = jax.jit(sharding.under_mesh(functools.partial(
+      eval_step, graphdef=graphdef, model_cfg=model_cfg, vocab_chunk=cfg.loss_vocab_chunk), mesh))
 
   n_devices = jax.device_count()
   peak, peak_source = ((cfg.peak_flops, "config") if cfg.peak_flops
