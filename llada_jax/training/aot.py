@@ -81,11 +81,12 @@ def tpu_devices(topology_name: str):
 
 def compile_step(cfg, model_cfg: ModelConfig, devices):
   """The compiled train step for abstract `devices` (nothing is allocated)."""
-  mesh = sharding.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices=devices)
-  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  mesh = train.make_mesh(cfg, devices)
+  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
   if cfg.batch_size % batch_ways:
     raise ValueError(f"config.batch_size={cfg.batch_size} does not split over the "
-                     f"{batch_ways} data x fsdp devices of this slice; use a multiple of it")
+                     f"{batch_ways} data x fsdp x expert devices of this slice; use a multiple "
+                     "of it")
   step_fn, abstract, _, _ = train.compile_train_step(cfg, model_cfg, mesh)
   shardings = train.batch_shardings(mesh, cfg.kind)
   shapes = {"input_ids": (cfg.batch_size, cfg.seq_len), "prompt_len": (cfg.batch_size,)}

@@ -144,8 +144,12 @@ def eval_step(params: dict[str, Any], batch: dict[str, jax.Array], rng: jax.Arra
 
 # ---- sharded state ----------------------------------------------------------------
 
-def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
-  return sharding.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """The (data, fsdp, expert, tensor) mesh of `config.mesh`: ICI sizes per slice
+  times the `dcn_*` slice counts (absent = 1)."""
+  axes = sharding.EXPERT_MESH_AXES
+  return sharding.make_mesh([cfg.mesh.get(a, 1) for a in axes], axes, devices,
+                            dcn_shape=[cfg.mesh.get(f"dcn_{a}", 1) for a in axes])
 
 
 def batch_sharding(mesh: Mesh, rules=sharding.DEFAULT_RULES) -> NamedSharding:
