@@ -18,10 +18,18 @@ from llada_jax import sharding
 from llada_jax.layers import masks
 
 
+# Logical axes of a layer's cached keys/values [B, S, K, H] (sharded like the activations).
+KV_AXES = ("batch", "length", "kv_heads", "head_dim")
+
+
 class KVCache(NamedTuple):
   """Keys (after RoPE) and values of every layer and position: [Y, B, S, K, H]."""
   k_YBSKH: jax.Array
   v_YBSKH: jax.Array
+
+  def constrained(self) -> "KVCache":
+    """Both arrays constrained on the active mesh (`layers` + `KV_AXES`)."""
+    return KVCache(*(sharding.constrain(a, ("layers",) + KV_AXES) for a in self))
 
 
 def xla_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
@@ -161,10 +169,10 @@ def self_attention(p: dict[str, jax.Array], n_BWD: jax.Array, mask_BS: jax.Array
       k_BWKH, v_BWKH = (
           jnp.where(stale_W1, jax.lax.dynamic_slice_in_dim(cached, start, W, axis=1), fresh)
           for fresh, cached in ((k_BWKH, kv_BSKH[0]), (v_BWKH, kv_BSKH[1])))
-    k_BSKH = jax.lax.dynamic_update_slice_in_dim(kv_BSKH[0], k_BWKH.astype(kv_BSKH[0].dtype),
-                                                 start, axis=1)
-    v_BSKH = jax.lax.dynamic_update_slice_in_dim(kv_BSKH[1], v_BWKH.astype(kv_BSKH[1].dtype),
-                                                 start, axis=1)
+    k_BSKH, v_BSKH = (
+        sharding.constrain(jax.lax.dynamic_update_slice_in_dim(
+            cached, fresh.astype(cached.dtype), start, axis=1), KV_AXES)
+        for fresh, cached in ((k_BWKH, kv_BSKH[0]), (v_BWKH, kv_BSKH[1])))
   att_BWNH = attention(q_BWNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask_BS, impl=impl)
   out_BWD = jnp.einsum("bwnh,nhd->bwd", att_BWNH, p["attn_out"].astype(dt))
   return out_BWD, (k_BSKH, v_BSKH)

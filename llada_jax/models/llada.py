@@ -210,10 +210,10 @@ class Transformer(nnx.Module):
     -> (logits [B, W, V] float32, KVCache or None, {aux loss: [] summed over layers});
     `head=False` stops after ln_f: hidden states [B, W, D] in place of the logits.
     """
-    with self._activation_mesh():
+    with self.activation_mesh():
       return self._layers(ids_BW, mask_BS, start, cache, return_kv, fresh_from, head)
 
-  def _activation_mesh(self):
+  def activation_mesh(self):
     """The model's own mesh as the `sharding.activation_mesh` (else the caller's)."""
     if self.mesh is None or self.rules is None:
       return contextlib.nullcontext()
@@ -249,7 +249,7 @@ class Transformer(nnx.Module):
     kv = None
     if return_kv:
       kv = KVCache(*(jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-                     for parts in zip(*kvs)))
+                     for parts in zip(*kvs))).constrained()
     return logits_BWV, kv, aux
 
   def forward(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None
