@@ -116,6 +116,15 @@ def _splash_local(q_BNLH, k_BNSH, v_BNSH, segments, *, interpret, block_length):
   return jax.vmap(kernel)(q_BNLH, k_BNSH, v_BNSH, segment_ids=ids)
 
 
+def _on_tpu() -> bool:
+  """Whether the code is traced for TPUs: the active mesh's devices (an AOT compile
+  for a TPU topology from a CPU host included), else the default backend."""
+  mesh, _ = sharding.active_mesh()
+  if mesh is not None:
+    return mesh.devices.flat[0].platform == "tpu"
+  return jax.default_backend() == "tpu"
+
+
 def attention(q_BLNH, k_BSKH, v_BSKH, mask_BS=None, *, impl: str = "xla"):
   """Dispatch on `impl` ("xla" | "splash"); splash falls back to XLA off TPU.
 
@@ -123,11 +132,11 @@ def attention(q_BLNH, k_BSKH, v_BSKH, mask_BS=None, *, impl: str = "xla"):
   """
   if isinstance(mask_BS, masks.BlockCausal):
     L, S = q_BLNH.shape[1], k_BSKH.shape[1]
-    if impl == "splash" and jax.default_backend() == "tpu" and mask_BS.splash_ready(L, S):
+    if impl == "splash" and _on_tpu() and mask_BS.splash_ready(L, S):
       return splash_attention(q_BLNH, k_BSKH, v_BSKH, mask_BS.keys_BS,
                               block_length=mask_BS.block_length)
     return xla_attention(q_BLNH, k_BSKH, v_BSKH, mask_BS.keep_BLS(L, S))
-  if impl == "splash" and jax.default_backend() == "tpu":
+  if impl == "splash" and _on_tpu():
     return splash_attention(q_BLNH, k_BSKH, v_BSKH, mask_BS)
   return xla_attention(q_BLNH, k_BSKH, v_BSKH, mask_BS)
 
