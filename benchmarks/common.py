@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 
-def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-  """Median wall seconds of `fn()` (its result blocked on), after `warmup` calls."""
+def call_times(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+  """Wall seconds of `repeats` calls of `fn()` (its result blocked on), after `warmup`."""
   for _ in range(warmup):
     jax.block_until_ready(fn())
   times = []
@@ -21,7 +21,12 @@ def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
-  return sorted(times)[len(times) // 2]
+  return times
+
+
+def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+  """Median wall seconds of `fn()` (its result blocked on), after `warmup` calls."""
+  return sorted(call_times(fn, repeats, warmup))[repeats // 2]
 
 
 def matmul_flops_per_s(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:

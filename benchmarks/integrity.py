@@ -15,25 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from benchmarks import common
 from llada_jax.checkpoints import integrity
-
-
-def _times(fn, repeats: int) -> list[float]:
-  jax.block_until_ready(fn())
-  out = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    out.append(time.perf_counter() - start)
-  return out
 
 
 def run(mbytes: int = 256, dtype: str = "float32", repeats: int = 5) -> dict:
@@ -49,7 +37,7 @@ def run(mbytes: int = 256, dtype: str = "float32", repeats: int = 5) -> dict:
   }
   results = {}
   for name, fn in passes.items():
-    t = sorted(_times(fn, repeats))
+    t = sorted(common.call_times(fn, repeats))
     gbs = [host.nbytes / s / 1e9 for s in (t[-1], t[len(t) // 2], t[0])]
     results[name] = {"seconds": {"min": t[0], "median": t[len(t) // 2], "max": t[-1]},
                      "gb_per_s": {"min": gbs[0], "median": gbs[1], "max": gbs[2]}}

@@ -52,7 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
       loss_vocab_chunk=0,  # >0: cross-entropy over vocabulary chunks, no [B, L, V] logits
       seq_len=128,
       init_from="",  # a model dir (HF snapshot, converted dir or workdir)
-      mesh=ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)),  # -1 = the rest
+      # Devices per slice on each axis (-1 = the rest), times dcn_* slices (multi-slice).
+      mesh=ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1,
+                                          dcn_data=1, dcn_fsdp=1)),
       data=ml_collections.ConfigDict(dict(
           source="pydoc_data.topics",  # see llada_jax/data.py
           eval_source="",  # default: a held-out fraction of `source`

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 import llada_jax
+from llada_jax import sharding
 from llada_jax.sampling import decoding
 from llada_jax.sampling import kv_cache
 from llada_jax.sampling import sampler as sampling
@@ -180,3 +181,27 @@ def test_one_program_per_rule_and_invalid_settings(tiny_model):
     with pytest.raises(ValueError, match=name):
       llada_jax.generate(tiny_model, prompt, **{**args, **bad})
   assert sampling._sample_loop_jit._cache_size() == before  # pylint: disable=protected-access
+
+
+@pytest.mark.slow
+def test_sharded_cache_gives_the_same_tokens_and_is_sharded(tiny_model, fixture_dir):
+  # (data 4, tensor 2) of 8 fake devices: cache rows over data, the 2 kv heads over tensor.
+  mesh = sharding.make_mesh((4, 1, 2))
+  sharded = llada_jax.load(fixture_dir, mesh=mesh)
+  prompt, attn = _batch(tiny_model, rows=4, pads=(0, 2, 4, 1))
+  args = dict(steps=8, gen_length=16, block_length=8, cache="dual", cache_refresh=4)
+  np.testing.assert_array_equal(llada_jax.generate(sharded, prompt, attn, **args),
+                                llada_jax.generate(tiny_model, prompt, attn, **args))
+  graphdef, state = nnx.split(sharded)
+  ids = np.concatenate([prompt, np.full((4, 16), tiny_model.config.mask_token_id)], axis=1)
+  mask = np.concatenate([attn, np.ones((4, 16), attn.dtype)], axis=1)
+
+  def full_then_window(state, ids, mask):
+    model = nnx.merge(graphdef, state)
+    _, cache = model.forward_with_cache(ids, mask)
+    return cache, model.forward_window(ids[:, 7:15], 7, cache, mask)[1]
+
+  for cache in jax.jit(full_then_window)(state, ids, mask):
+    Y, B, S, K, H = cache.k_YBSKH.shape
+    for a in cache:
+      assert a.sharding.shard_shape(a.shape) == (Y, B // 4, S, K // 2, H)

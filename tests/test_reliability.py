@@ -79,11 +79,14 @@ def _files(root):
      "config.total_steps=40"),
     ({"batch_size": 12, "mesh.fsdp": -1},
      "config.batch_size=12: 12 rows per micro-batch do not divide over the mesh's batch axes "
-     "(data=1 x fsdp=8 = 8)"),
+     "(data=1 x fsdp=8 x expert=1 = 8)"),
     ({"micro_batches": 3}, "config.batch_size=8: does not divide into 1 host(s) x 3 micro-batches"),
     ({"optimizer.b2": 1.0}, "config.optimizer.b2=1.0: must be < 1"),
     ({"checkpoint.keep": 0}, "config.checkpoint.keep=0: must be >= 1"),
-    ({"mesh.tensor": 3}, "config.mesh=(data=1, fsdp=-1, tensor=3): 8 devices do not divide by 3"),
+    ({"mesh.tensor": 3},
+     "config.mesh=(data=1, fsdp=-1, expert=1, tensor=3): 8 devices do not divide by 3"),
+    ({"mesh.dcn_data": 3}, "config.mesh=(data=1x3 slices, fsdp=-1, expert=1, tensor=1): 8 "
+     "devices do not split into 3 slices"),
     ({"kind": "finetune"}, "config.kind='finetune': is not one of 'pretrain', 'sft'"),
     ({"kind": "block_pretrain", "block_length": 5},
      "config.block_length=5: does not divide config.seq_len=16"),

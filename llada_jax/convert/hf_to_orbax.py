@@ -70,14 +70,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="llada-hf-to-orbax", description=__doc__.split("\n")[0])
   parser.add_argument("--hf_dir", required=True, help="HF LLaDA snapshot directory")
   parser.add_argument("--output_dir", required=True, help="converted checkpoint directory")
-  parser.add_argument("--dtype", choices=sorted(hf_checkpoint.NP_DTYPES), default=None,
-                      help="parameter dtype on disk (default: the source's)")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace a checkpoint already in --output_dir")
-  parser.add_argument("--allow_nonfinite", action="store_true",
-                      help="convert tensors holding NaN / Inf (for debugging)")
-  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-  parser.add_argument("--verbose", action="store_true", help="tracebacks on errors")
+  staging.add_common_flags(parser, hf_checkpoint.NP_DTYPES, "source", "checkpoint")
   args = parser.parse_args(argv)
   return staging.run_cli(parser.prog, args.output_dir, lambda: staging.summary_line(
       f"wrote {args.output_dir}", convert(args.hf_dir, args.output_dir, args.dtype,

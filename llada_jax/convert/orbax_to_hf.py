@@ -63,16 +63,9 @@ def main(argv=None) -> int:
   parser.add_argument("--checkpoint", required=True,
                       help="converted checkpoint directory or training workdir")
   parser.add_argument("--output_dir", required=True, help="HF snapshot directory to write")
-  parser.add_argument("--dtype", choices=sorted(hf_checkpoint.NP_DTYPES), default=None,
-                      help="tensor dtype on disk (default: the checkpoint's)")
   parser.add_argument("--max_shard_size", default="5GB",
                       help="largest safetensors shard, e.g. 5GB or 500MiB")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace a snapshot already in --output_dir")
-  parser.add_argument("--allow_nonfinite", action="store_true",
-                      help="convert parameters holding NaN / Inf (for debugging)")
-  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-  parser.add_argument("--verbose", action="store_true", help="tracebacks on errors")
+  staging.add_common_flags(parser, hf_checkpoint.NP_DTYPES, "checkpoint", "snapshot")
   args = parser.parse_args(argv)
   return staging.run_cli(parser.prog, args.output_dir, lambda: staging.summary_line(
       f"wrote {args.output_dir}", convert(args.checkpoint, args.output_dir, args.dtype,

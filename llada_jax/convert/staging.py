@@ -209,6 +209,19 @@ def summary_line(what: str, s: dict) -> str:
           f"peak RSS {s['peak_rss_bytes'] / 2**30:.3f} GiB")
 
 
+def add_common_flags(parser, dtypes: Sequence[str], source: str, output: str) -> None:
+  """The converters' shared flags: --dtype (of `dtypes`; default: the `source`'s),
+  --overwrite (an `output` in --output_dir), --allow_nonfinite, --no_progress, --verbose."""
+  parser.add_argument("--dtype", choices=sorted(dtypes), default=None,
+                      help=f"tensor dtype on disk (default: the {source}'s)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help=f"replace a {output} already in --output_dir")
+  parser.add_argument("--allow_nonfinite", action="store_true",
+                      help="convert tensors holding NaN / Inf (for debugging)")
+  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+  parser.add_argument("--verbose", action="store_true", help="tracebacks on errors")
+
+
 def _raise_interrupt(signum, frame):
   raise KeyboardInterrupt(f"signal {signum}")
 

@@ -12,14 +12,24 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from llada_jax import sharding
 from llada_jax.layers import masks
+
+
+# Logical axes of a layer's cached keys/values [B, S, K, H] (sharded like the activations).
+KV_AXES = ("batch", "length", "kv_heads", "head_dim")
 
 
 class KVCache(NamedTuple):
   """Keys (after RoPE) and values of every layer and position: [Y, B, S, K, H]."""
   k_YBSKH: jax.Array
   v_YBSKH: jax.Array
+
+  def constrained(self) -> "KVCache":
+    """Both arrays constrained on the active mesh (`layers` + `KV_AXES`)."""
+    return KVCache(*(sharding.constrain(a, ("layers",) + KV_AXES) for a in self))
 
 
 def xla_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
@@ -66,25 +76,53 @@ def splash_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   Padding is expressed as segment ids (real = 1, pad = 0), so real queries see
   only real keys, as in `xla_attention`. Needs L and S multiples of 128 on TPU;
   `interpret=True` runs the kernel's reference interpreter (any backend).
+  Under a `sharding.activation_mesh` the kernel runs in `jax.shard_map`: batch
+  over the mesh axes of `batch`, heads over those of `heads` (a dimension that
+  does not divide its axes is replicated, as everywhere in `sharding`).
   """
-  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
-      splash_attention_kernel as sk)
   B, L, N, H = q_BLNH.shape
   S, K = k_BSKH.shape[1], k_BSKH.shape[2]
-  kernel = _splash_kernel(N, L, S, interpret, block_length)
   scale = 1.0 / jnp.sqrt(jnp.float32(H)).astype(q_BLNH.dtype)
   q_BNLH = jnp.transpose(q_BLNH * scale, (0, 2, 1, 3))
   # The kernel takes one kv head per query head: group by repeating.
   k_BNSH = jnp.repeat(jnp.transpose(k_BSKH, (0, 2, 1, 3)), N // K, axis=1)
   v_BNSH = jnp.repeat(jnp.transpose(v_BSKH, (0, 2, 1, 3)), N // K, axis=1)
-  if mask_BS is None:
-    out_BNLH = jax.vmap(kernel)(q_BNLH, k_BNSH, v_BNSH)
-  else:
+  segments = None
+  if mask_BS is not None:
     seg_BS = mask_BS.astype(jnp.int32)
-    seg_BL = seg_BS if L == S else jnp.ones((B, L), jnp.int32)
-    ids = sk.SegmentIds(q=seg_BL, kv=seg_BS)
-    out_BNLH = jax.vmap(kernel)(q_BNLH, k_BNSH, v_BNSH, segment_ids=ids)
+    segments = (seg_BS if L == S else jnp.ones((B, L), jnp.int32), seg_BS)
+  local = functools.partial(_splash_local, interpret=interpret, block_length=block_length)
+  mesh, rules = sharding.active_mesh()
+  if mesh is not None:
+    heads = sharding.logical_to_spec(("batch", "heads", None, None), rules, mesh,
+                                     q_BNLH.shape, warn=False)
+    rows = P(heads[0], None)
+    local = jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, rows),
+                          out_specs=heads, check_vma=False)
+  out_BNLH = local(q_BNLH, k_BNSH, v_BNSH, segments)
   return jnp.transpose(out_BNLH, (0, 2, 1, 3)).astype(q_BLNH.dtype)
+
+
+def _splash_local(q_BNLH, k_BNSH, v_BNSH, segments, *, interpret, block_length):
+  """The kernel on (one device's shard of) the heads-major inputs; `segments` =
+  (q ids [B, L], kv ids [B, S]) or None."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+      splash_attention_kernel as sk)
+  _, N, L, _ = q_BNLH.shape
+  kernel = _splash_kernel(N, L, k_BNSH.shape[2], interpret, block_length)
+  if segments is None:
+    return jax.vmap(kernel)(q_BNLH, k_BNSH, v_BNSH)
+  ids = sk.SegmentIds(q=segments[0], kv=segments[1])
+  return jax.vmap(kernel)(q_BNLH, k_BNSH, v_BNSH, segment_ids=ids)
+
+
+def _on_tpu() -> bool:
+  """Whether the code is traced for TPUs: the active mesh's devices (an AOT compile
+  for a TPU topology from a CPU host included), else the default backend."""
+  mesh, _ = sharding.active_mesh()
+  if mesh is not None:
+    return mesh.devices.flat[0].platform == "tpu"
+  return jax.default_backend() == "tpu"
 
 
 def attention(q_BLNH, k_BSKH, v_BSKH, mask_BS=None, *, impl: str = "xla"):
@@ -98,11 +136,11 @@ def attention(q_BLNH, k_BSKH, v_BSKH, mask_BS=None, *, impl: str = "xla"):
                          mask_BS.keep_BLS(q_BLNH.shape[1], k_BSKH.shape[1]))
   if isinstance(mask_BS, masks.BlockCausal):
     L, S = q_BLNH.shape[1], k_BSKH.shape[1]
-    if impl == "splash" and jax.default_backend() == "tpu" and mask_BS.splash_ready(L, S):
+    if impl == "splash" and _on_tpu() and mask_BS.splash_ready(L, S):
       return splash_attention(q_BLNH, k_BSKH, v_BSKH, mask_BS.keys_BS,
                               block_length=mask_BS.block_length)
     return xla_attention(q_BLNH, k_BSKH, v_BSKH, mask_BS.keep_BLS(L, S))
-  if impl == "splash" and jax.default_backend() == "tpu":
+  if impl == "splash" and _on_tpu():
     return splash_attention(q_BLNH, k_BSKH, v_BSKH, mask_BS)
   return xla_attention(q_BLNH, k_BSKH, v_BSKH, mask_BS)
 
@@ -113,7 +151,7 @@ def _project(x_BWD: jax.Array, w_DXH: jax.Array) -> jax.Array:
 
 def self_attention(p: dict[str, jax.Array], n_BWD: jax.Array, mask_BS: jax.Array | None,
                    sin_WR: jax.Array, cos_WR: jax.Array, *, impl: str, eps: float,
-                   constrain=lambda x, names: x, kv_BSKH=None, start=0, fresh_from=None):
+                   kv_BSKH=None, start=0, fresh_from=None):
   """The attention sublayer on normed inputs n [B, W, D] -> (out [B, W, D], (k, v)).
 
   p: q_proj [D, N, H], k_proj/v_proj [D, K, H], attn_out [N, H, D], and
@@ -131,8 +169,10 @@ def self_attention(p: dict[str, jax.Array], n_BWD: jax.Array, mask_BS: jax.Array
   q_BWNH, k_BWKH, v_BWKH = (_project(n_BWD, p[name]) for name in ("q_proj", "k_proj", "v_proj"))
   if "q_norm" in p:
     q_BWNH, k_BWKH = rms_norm(q_BWNH, p["q_norm"], eps), rms_norm(k_BWKH, p["k_norm"], eps)
-  q_BWNH = constrain(apply_rope(q_BWNH, sin_WR, cos_WR), ("batch", "length", "heads", "head_dim"))
-  k_BWKH = constrain(apply_rope(k_BWKH, sin_WR, cos_WR), ("batch", "length", "kv_heads", "head_dim"))
+  q_BWNH = sharding.constrain(apply_rope(q_BWNH, sin_WR, cos_WR),
+                              ("batch", "length", "heads", "head_dim"))
+  k_BWKH = sharding.constrain(apply_rope(k_BWKH, sin_WR, cos_WR),
+                              ("batch", "length", "kv_heads", "head_dim"))
   if kv_BSKH is None:
     k_BSKH, v_BSKH = k_BWKH, v_BWKH
   else:
@@ -142,10 +182,10 @@ def self_attention(p: dict[str, jax.Array], n_BWD: jax.Array, mask_BS: jax.Array
       k_BWKH, v_BWKH = (
           jnp.where(stale_W1, jax.lax.dynamic_slice_in_dim(cached, start, W, axis=1), fresh)
           for fresh, cached in ((k_BWKH, kv_BSKH[0]), (v_BWKH, kv_BSKH[1])))
-    k_BSKH = jax.lax.dynamic_update_slice_in_dim(kv_BSKH[0], k_BWKH.astype(kv_BSKH[0].dtype),
-                                                 start, axis=1)
-    v_BSKH = jax.lax.dynamic_update_slice_in_dim(kv_BSKH[1], v_BWKH.astype(kv_BSKH[1].dtype),
-                                                 start, axis=1)
+    k_BSKH, v_BSKH = (
+        sharding.constrain(jax.lax.dynamic_update_slice_in_dim(
+            cached, fresh.astype(cached.dtype), start, axis=1), KV_AXES)
+        for fresh, cached in ((k_BWKH, kv_BSKH[0]), (v_BWKH, kv_BSKH[1])))
   att_BWNH = attention(q_BWNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask_BS, impl=impl)
   out_BWD = jnp.einsum("bwnh,nhd->bwd", att_BWNH, p["attn_out"].astype(dt))
   return out_BWD, (k_BSKH, v_BSKH)

@@ -8,11 +8,13 @@ then `ln_f` and the output head (`ff_out`, or the embedding when tied).
 Shapes: B batch, L length, D d_model, N heads, K kv heads, H head dim,
 F mlp hidden, V embedding_size, Y layers. Layer weights are stacked on a
 leading `layers` axis and run under `lax.scan` (one compiled layer).
-The module knows logical axis names only; `sharding.py` maps them to a mesh.
+The module knows logical axis names only; `sharding.py` maps them to the
+active mesh (`sharding.activation_mesh`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from typing import Any
@@ -102,32 +104,32 @@ class Blocks(nnx.Module):
       setattr(self, name, param)
 
 
-def dense_ffn(p: dict[str, jax.Array], n_BWD: jax.Array, cfg: ModelConfig, constrain,
+def dense_ffn(p: dict[str, jax.Array], n_BWD: jax.Array, cfg: ModelConfig,
               mask_BS: jax.Array | None):
   """The SwiGLU MLP of a dense layer -> ([B, W, D], {} no auxiliary losses)."""
   del cfg, mask_BS
-  return swiglu(n_BWD, p["ff_proj"], p["up_proj"], p["ff_out"], constrain), {}
+  return swiglu(n_BWD, p["ff_proj"], p["up_proj"], p["ff_out"]), {}
 
 
 def block_forward(p: dict[str, jax.Array], x_BWD: jax.Array, mask_BS: jax.Array | None,
                   sin_WH: jax.Array, cos_WH: jax.Array, cfg: ModelConfig,
-                  constrain=lambda x, names: x, kv_BSKH=None, start=0, fresh_from=None,
-                  ffn=dense_ffn):
+                  kv_BSKH=None, start=0, fresh_from=None, ffn=dense_ffn):
   """One pre-norm layer on per-layer weights `p` (compute dtype = x's).
 
   h = x + attention(attn_norm(x)), y = h + ffn(ff_norm(h)); `ffn` (p, n, cfg,
-  constrain, mask) -> (out, aux losses) is the dense MLP here, a MoE in
-  `llada_moe`. Cache arguments as `layers.attention.self_attention`.
+  mask) -> (out, aux losses) is the dense MLP here, a MoE in `llada_moe`.
+  Cache arguments as `layers.attention.self_attention`; activations are
+  constrained by logical names (`sharding.constrain`, the active mesh).
   -> (y [B, W, D], (k [B, S, K, H], v [B, S, K, H]), {aux loss name: []}).
   """
   n1_BWD = rms_norm(x_BWD, p["attn_norm"], cfg.rms_norm_eps)
   att_BWD, kv = attention_lib.self_attention(
       p, n1_BWD, mask_BS, sin_WH, cos_WH, impl=cfg.attention, eps=cfg.rms_norm_eps,
-      constrain=constrain, kv_BSKH=kv_BSKH, start=start, fresh_from=fresh_from)
-  h_BWD = constrain(x_BWD + att_BWD, ("batch", "length", "embed"))
+      kv_BSKH=kv_BSKH, start=start, fresh_from=fresh_from)
+  h_BWD = sharding.constrain(x_BWD + att_BWD, ("batch", "length", "embed"))
   n2_BWD = rms_norm(h_BWD, p["ff_norm"], cfg.rms_norm_eps)
-  ffn_BWD, aux = ffn(p, n2_BWD, cfg, constrain, mask_BS)
-  return constrain(h_BWD + ffn_BWD, ("batch", "length", "embed")), kv, aux
+  ffn_BWD, aux = ffn(p, n2_BWD, cfg, mask_BS)
+  return sharding.constrain(h_BWD + ffn_BWD, ("batch", "length", "embed")), kv, aux
 
 
 def _stacked(group: nnx.Module) -> dict[str, jax.Array]:
@@ -138,8 +140,11 @@ def _stacked(group: nnx.Module) -> dict[str, jax.Array]:
 class Transformer(nnx.Module):
   """The LLaDA mask predictor: token ids [B, L] -> float32 logits [B, L, V].
 
-  `mesh`/`rules` (static, optional) only add sharding constraints on the
-  activations; parameters carry logical names either way.
+  The layers know logical axis names only: activations are constrained on the
+  active `sharding.activation_mesh`. `mesh`/`rules` (static, optional; what
+  `llada_jax.load(mesh=)` gives) make that the model's own mesh, entered around
+  every forward; without them a forward traced under a caller's
+  `activation_mesh` uses that one. Parameters carry logical names either way.
   """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, mesh: Mesh | None = None,
@@ -167,9 +172,6 @@ class Transformer(nnx.Module):
     """The sizes of that family table's dimension letters for `cfg`."""
     return sys.modules[cls.__module__].dim_sizes(cfg)
 
-  def _constrain(self, x, names):
-    return sharding.constrain(x, names, self.rules, self.mesh)
-
   def segments(self) -> list[tuple[Any, dict[str, jax.Array], int, int]]:
     """Runs of layers: (block function, {name: weights stacked [n, ...]}, first layer, n).
 
@@ -184,8 +186,7 @@ class Transformer(nnx.Module):
 
     def layer(x_BWD, xs):
       p, kv = xs
-      y_BWD, kv, aux = block(p, x_BWD, mask_BS, sin_WH, cos_WH, cfg, self._constrain,
-                             kv, start, fresh_from)
+      y_BWD, kv, aux = block(p, x_BWD, mask_BS, sin_WH, cos_WH, cfg, kv, start, fresh_from)
       return y_BWD, (kv if return_kv else None, aux)
 
     if cfg.remat_policy != "none":
@@ -210,13 +211,23 @@ class Transformer(nnx.Module):
     -> (logits [B, W, V] float32, KVCache or None, {aux loss: [] summed over layers});
     `head=False` stops after ln_f: hidden states [B, W, D] in place of the logits.
     """
+    with self.activation_mesh():
+      return self._layers(ids_BW, mask_BS, start, cache, return_kv, fresh_from, head)
+
+  def activation_mesh(self):
+    """The model's own mesh as the `sharding.activation_mesh` (else the caller's)."""
+    if self.mesh is None or self.rules is None:
+      return contextlib.nullcontext()
+    return sharding.activation_mesh(self.mesh, self.rules)
+
+  def _layers(self, ids_BW, mask_BS, start, cache, return_kv, fresh_from, head):
     cfg = self.config
     dt = DTYPES[cfg.dtype]
     ids_BW = jnp.asarray(ids_BW, jnp.int32)
     x_BWD = jnp.take(self.wte[...], ids_BW, axis=0).astype(dt)
     if embed_noise_BWD is not None:
       x_BWD = x_BWD + embed_noise_BWD.astype(dt)
-    x_BWD = self._constrain(x_BWD, ("batch", "length", "embed"))
+    x_BWD = sharding.constrain(x_BWD, ("batch", "length", "embed"))
     if positions_W is None:
       sin_WR, cos_WR = rope_tables(ids_BW.shape[1], cfg.rotary_dim, cfg.rope_theta, start)
     else:
@@ -240,11 +251,11 @@ class Transformer(nnx.Module):
                             preferred_element_type=jnp.float32)
     if cfg.scale_logits:
       logits_BWV = logits_BWV * (1.0 / jnp.sqrt(jnp.float32(cfg.d_model)))
-    logits_BWV = self._constrain(logits_BWV, ("batch", "length", "vocab"))
+    logits_BWV = sharding.constrain(logits_BWV, ("batch", "length", "vocab"))
     kv = None
     if return_kv:
       kv = KVCache(*(jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-                     for parts in zip(*kvs)))
+                     for parts in zip(*kvs))).constrained()
     return logits_BWV, kv, aux
 
   def forward(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None

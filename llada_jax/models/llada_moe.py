@@ -27,8 +27,8 @@ import logging
 from typing import Any, Mapping
 
 import jax
-from jax.sharding import Mesh
 
+from llada_jax import sharding
 from llada_jax.config import ModelConfig
 from llada_jax.layers import moe as moe_lib
 from llada_jax.layers.masks import key_mask
@@ -103,9 +103,18 @@ _FFN_ROWS = (
 )
 
 
-def ffn_params(layer, hf_names: dict[str, str]) -> tuple[ParamSpec, ...]:
-  """The FFN entries of a MoE family's table; `layer` makes a per-layer ParamSpec and
-  `hf_names` gives each path's HF name after `model.layers.{i}.` ({e} = expert)."""
+def ffn_params(layer, expert_bias: str, shared: str) -> tuple[ParamSpec, ...]:
+  """The FFN entries of a MoE family's table; `layer` makes a per-layer ParamSpec.
+
+  HF names (after `model.layers.{i}.`, {e} = expert) are those both MoE families
+  share, but for the router's `expert_bias` and the `shared` expert's prefix.
+  """
+  hf_names = {"dense/ff_proj": "mlp.gate_proj.weight", "dense/up_proj": "mlp.up_proj.weight",
+              "dense/ff_out": "mlp.down_proj.weight", "moe/router": "mlp.gate.weight",
+              "moe/expert_bias": expert_bias,
+              **{f"moe/{w}_proj": f"mlp.experts.{{e}}.{w}_proj.weight"
+                 for w in ("gate", "up", "down")},
+              **{f"moe/shared_{w}": f"{shared}.{w}_proj.weight" for w in ("gate", "up", "down")}}
   return tuple(layer(path, dims, axes, init, hf_names[path], lin, fan, stack, present)
                for path, dims, axes, init, lin, fan, stack, present in _FFN_ROWS)
 
@@ -119,17 +128,7 @@ PARAMS: tuple[ParamSpec, ...] = (
         "blocks/attn_out": "self_attn.o_proj.weight",
         "blocks/ff_norm": "post_attention_layernorm.weight",
     }),
-    *ffn_params(_layer, {
-        "dense/ff_proj": "mlp.gate_proj.weight", "dense/up_proj": "mlp.up_proj.weight",
-        "dense/ff_out": "mlp.down_proj.weight", "moe/router": "mlp.gate.weight",
-        "moe/expert_bias": "mlp.expert_bias",
-        "moe/gate_proj": "mlp.experts.{e}.gate_proj.weight",
-        "moe/up_proj": "mlp.experts.{e}.up_proj.weight",
-        "moe/down_proj": "mlp.experts.{e}.down_proj.weight",
-        "moe/shared_gate": "shared_expert.gate_proj.weight",
-        "moe/shared_up": "shared_expert.up_proj.weight",
-        "moe/shared_down": "shared_expert.down_proj.weight",
-    }),
+    *ffn_params(_layer, expert_bias="mlp.expert_bias", shared="shared_expert"),
     ParamSpec("ln_f", "D", ("embed",), "ones", "model.norm.weight"),
     ParamSpec("ff_out", "DV", ("embed", "vocab"), "normal", "lm_head.weight", 1, "D",
               present=lambda cfg: not cfg.weight_tying),
@@ -166,8 +165,8 @@ def moe_config(cfg: ModelConfig) -> moe_lib.MoEConfig:
                            routed_scaling_factor=cfg.routed_scaling_factor, impl=cfg.moe_impl)
 
 
-def moe_ffn(p: dict[str, jax.Array], n_BWD: jax.Array, cfg: ModelConfig, constrain,
-            mask_BS: jax.Array | None, *, mesh: Mesh | None = None, rules=None):
+def moe_ffn(p: dict[str, jax.Array], n_BWD: jax.Array, cfg: ModelConfig,
+            mask_BS: jax.Array | None):
   """Routed experts (+ the shared expert) on normed inputs -> ([B, W, D], aux losses).
 
   The losses weight real tokens only when the mask covers the W positions
@@ -177,10 +176,11 @@ def moe_ffn(p: dict[str, jax.Array], n_BWD: jax.Array, cfg: ModelConfig, constra
   mask_BW = mask_BS if mask_BS is not None and mask_BS.shape[1] == n_BWD.shape[1] else None
   weights = {k: p[k] for k in ("router", "expert_bias", "gate_proj", "up_proj", "down_proj")
              if k in p}
+  mesh, rules = sharding.active_mesh()
   y_BWD, aux = moe_lib.moe_layer(n_BWD, weights, moe_config(cfg), mesh=mesh, rules=rules,
                                  mask=mask_BW)
   if "shared_gate" in p:
-    y_BWD = y_BWD + swiglu(n_BWD, p["shared_gate"], p["shared_up"], p["shared_down"], constrain)
+    y_BWD = y_BWD + swiglu(n_BWD, p["shared_gate"], p["shared_up"], p["shared_down"])
   return y_BWD, {"load_balancing_loss": aux.load_balancing_loss,
                  "router_z_loss": aux.router_z_loss}
 
@@ -194,8 +194,7 @@ class Transformer(llada.Transformer):
     attention = llada._stacked(self.blocks)  # pylint: disable=protected-access
     groups = {1: llada._stacked(self.moe) if _has_moe(cfg) else {},  # pylint: disable=protected-access
               0: llada._stacked(self.dense) if _has_dense(cfg) else {}}  # pylint: disable=protected-access
-    ffns = {1: functools.partial(moe_ffn, mesh=self.mesh, rules=self.rules),
-            0: llada.dense_ffn}
+    ffns = {1: moe_ffn, 0: llada.dense_ffn}
     out, first, seen = [], 0, {0: 0, 1: 0}
     for kind, run in itertools.groupby(cfg.moe_layers):
       n = len(list(run))
@@ -215,20 +214,24 @@ _HF_REQUIRED = {"hidden_act": "silu", "attention_bias": False, "clip_qkv": None,
 # Keys the released forward reads but does not use: a non-default value only warns.
 _HF_IGNORED = {"norm_topk_prob": False, "moe_router_score_function": "softmax",
                "routed_scaling_factor": 1, "router_num_group": None, "router_topk_group": None}
-_HF_FIELDS = {  # HF key -> ModelConfig field
+# HF key -> ModelConfig field, for the keys both MoE releases (this one, LLaDA2) name alike.
+HF_FIELDS_SHARED = {
     "hidden_size": "d_model", "num_attention_heads": "n_heads",
     "num_key_value_heads": "n_kv_heads", "num_hidden_layers": "n_layers",
-    "dense_intermediate_size": "mlp_hidden_size", "vocab_size": "vocab_size",
-    "max_position_embeddings": "max_sequence_length", "rope_theta": "rope_theta",
-    "rms_norm_eps": "rms_norm_eps", "tie_word_embeddings": "weight_tying",
-    "qk_layernorm": "qk_norm", "partial_rotary_factor": "partial_rotary_factor",
+    "vocab_size": "vocab_size", "max_position_embeddings": "max_sequence_length",
+    "rope_theta": "rope_theta", "rms_norm_eps": "rms_norm_eps",
+    "tie_word_embeddings": "weight_tying", "partial_rotary_factor": "partial_rotary_factor",
     "num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
-    "expert_intermediate_size": "moe_hidden_size",
-    "shared_expert_intermediate_size": "shared_expert_hidden_size",
-    "moe_router_enable_expert_bias": "expert_bias",
     "router_aux_loss_coef": "router_aux_loss_coef",
     "mask_token_id": "mask_token_id", "eos_token_id": "eos_token_id",
     "pad_token_id": "pad_token_id", "bos_token_id": "bos_token_id",
+}
+_HF_FIELDS = {  # HF key -> ModelConfig field
+    **HF_FIELDS_SHARED,
+    "dense_intermediate_size": "mlp_hidden_size", "qk_layernorm": "qk_norm",
+    "expert_intermediate_size": "moe_hidden_size",
+    "shared_expert_intermediate_size": "shared_expert_hidden_size",
+    "moe_router_enable_expert_bias": "expert_bias",
 }
 
 

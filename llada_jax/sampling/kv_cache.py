@@ -17,6 +17,10 @@ their cached keys/values in every layer (`Transformer.forward_window`), which
 computes exactly what the window [block start, L) would. `prefix_groups` picks
 at most `MAX_PREFIX_WINDOWS` window sizes (one compiled window program each,
 chosen per block by `lax.switch`).
+
+On a mesh the cache [Y, B, S, K, H] is sharded like the activations
+(`layers`, `batch`, `length`, `kv_heads`, `head_dim`: rows over the batch axes,
+kv heads over `tensor`), pinned by constraints on every cache the loop carries.
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ def gen_logits(model, ids_BL: jax.Array, attn_BL: jax.Array | None, cache: KVCac
   mode "none": a full forward. "prefix" / "dual": a full forward storing the
   cache when `refresh` (traced bool, or True), else the window against `cache`.
   """
+  if cache is not None:
+    with model.activation_mesh():  # the loop carries it sharded like the activations
+      cache = cache.constrained()
   L = ids_BL.shape[1]
   P = L - gen_length
   if mode == "none":

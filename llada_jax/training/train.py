@@ -230,8 +230,12 @@ def eval_step(params: dict[str, Any], batch: dict[str, jax.Array], rng: jax.Arra
 
 # ---- sharded state ----------------------------------------------------------------
 
-def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
-  return sharding.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """The (data, fsdp, expert, tensor) mesh of `config.mesh`: ICI sizes per slice
+  times the `dcn_*` slice counts (absent = 1)."""
+  axes = sharding.EXPERT_MESH_AXES
+  return sharding.make_mesh([cfg.mesh.get(a, 1) for a in axes], axes, devices,
+                            dcn_shape=[cfg.mesh.get(f"dcn_{a}", 1) for a in axes])
 
 
 def batch_sharding(mesh: Mesh, rules=sharding.DEFAULT_RULES) -> NamedSharding:
@@ -271,8 +275,11 @@ def state_shardings(graphdef_state: nnx.State, tx: optax.GradientTransformation,
 
 def compile_train_step(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh,
                        rules=sharding.DEFAULT_RULES):
-  """(jitted step, abstract state with shardings, optimizer, graphdef) for `cfg` on `mesh`."""
-  graphdef, abstract_params = nnx.split(models.abstract(model_cfg, mesh=mesh, rules=rules))
+  """(jitted step, abstract state with shardings, optimizer, graphdef) for `cfg` on `mesh`.
+
+  The model holds no mesh: the step is traced under `sharding.activation_mesh`.
+  """
+  graphdef, abstract_params = nnx.split(models.abstract(model_cfg))
   tx, schedule = optimizer_lib.from_config(cfg)
   abstract, shardings = state_shardings(abstract_params, tx, mesh, rules)
   step_fn = functools.partial(train_step, graphdef=graphdef, model_cfg=model_cfg, tx=tx,
@@ -280,7 +287,8 @@ def compile_train_step(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, m
                               micro_batches=cfg.micro_batches, seed=cfg.seed,
                               options=loss_options(cfg, model_cfg))
   batch_sh = batch_shardings(mesh, cfg.kind, rules)
-  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh),
+  jitted = jax.jit(sharding.under_mesh(step_fn, mesh, rules),
+                   in_shardings=(shardings, batch_sh),
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
   return jitted, abstract, tx, graphdef
 
@@ -587,8 +595,9 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:  # only now: a refused or failed restore leaves them as they were
     workdir_lib.write_model_files(workdir, model_cfg, tokenizer_dir, cfg.to_json_best_effort(
         indent=2))
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, model_cfg=model_cfg,
-                                      kind=cfg.kind, options=loss_options(cfg, model_cfg)))
+  eval_fn = jax.jit(sharding.under_mesh(functools.partial(
+      eval_step, graphdef=graphdef, model_cfg=model_cfg, kind=cfg.kind,
+      options=loss_options(cfg, model_cfg)), mesh))
 
   n_devices = jax.device_count()
   peak, peak_source = ((cfg.peak_flops, "config") if cfg.peak_flops

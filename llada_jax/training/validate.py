@@ -92,20 +92,31 @@ def _flat_keys(cfg, prefix: str = "") -> set[str]:
   return out
 
 
-def mesh_shape(cfg, device_count: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) with the -1 entry resolved; ValueError naming config.mesh."""
-  sizes = [_int(cfg, f"mesh.{a}", 1, allowed=(-1,)) for a in ("data", "fsdp", "tensor")]
-  shape = f"config.mesh=(data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]})"
-  if sizes.count(-1) > 1:
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
+def mesh_shape(cfg, device_count: int) -> dict[str, int]:
+  """{axis: devices} of config.mesh (ICI x DCN sizes, the -1 entry resolved);
+  ValueError naming config.mesh."""
+  ici = [_int(cfg, f"mesh.{a}", 1, allowed=(-1,)) or 1 for a in MESH_AXES]
+  dcn = [_int(cfg, f"mesh.dcn_{a}", 1) or 1 for a in MESH_AXES]
+  shape = "config.mesh=(" + ", ".join(
+      f"{a}={i}" + (f"x{d} slices" if d > 1 else "") for a, i, d in zip(MESH_AXES, ici, dcn)) + ")"
+  if ici.count(-1) > 1:
     raise ValueError(f"{shape}: at most one axis may be -1")
-  rest = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if device_count % rest:
-      raise ValueError(f"{shape}: {device_count} devices do not divide by {rest}")
-    sizes[sizes.index(-1)] = device_count // rest
-  if math.prod(sizes) != device_count:
-    raise ValueError(f"{shape} needs {math.prod(sizes)} devices, {device_count} are available")
-  return tuple(sizes)
+  slices = math.prod(dcn)
+  if device_count % slices:
+    raise ValueError(f"{shape}: {device_count} devices do not split into {slices} slices")
+  per_slice = device_count // slices
+  rest = math.prod(s for s in ici if s != -1)
+  if -1 in ici:
+    if per_slice % rest:
+      raise ValueError(f"{shape}: {per_slice} devices do not divide by {rest}")
+    ici[ici.index(-1)] = per_slice // rest
+  if math.prod(ici) != per_slice:
+    raise ValueError(f"{shape} needs {math.prod(ici) * slices} devices, {device_count} are "
+                     "available")
+  return {a: i * d for a, i, d in zip(MESH_AXES, ici, dcn)}
 
 
 def check_config(cfg, process_count: int = 1, device_count: int = 1) -> None:
@@ -192,20 +203,21 @@ def _check_optimizer(cfg, total_steps: int) -> None:
 
 
 def _check_batch(cfg, process_count: int, device_count: int) -> None:
-  data, fsdp, _ = mesh_shape(cfg, device_count)
-  rows = data * fsdp  # the batch is split over the data and fsdp axes
+  sizes = mesh_shape(cfg, device_count)
+  rows = sizes["data"] * sizes["fsdp"] * sizes["expert"]  # the batch's mesh axes
+  split = " x ".join(f"{a}={sizes[a]}" for a in ("data", "fsdp", "expert"))
   batch, micro = _get(cfg, "batch_size"), _get(cfg, "micro_batches")
   if batch % (process_count * micro):
     _fail("batch_size", batch, f"does not divide into {process_count} host(s) x {micro} "
           f"micro-batches (config.micro_batches)")
   if (batch // micro) % rows:
     _fail("batch_size", batch, f"{batch // micro} rows per micro-batch do not divide over the "
-          f"mesh's batch axes (data={data} x fsdp={fsdp} = {rows}); use a multiple of "
+          f"mesh's batch axes ({split} = {rows}); use a multiple of "
           f"{rows * micro}")
   eval_batch = _get(cfg, "eval_batch_size")
   if eval_batch % process_count or eval_batch % rows:
     _fail("eval_batch_size", eval_batch, f"does not divide over {process_count} host(s) and "
-          f"the mesh's batch axes (data x fsdp = {rows})")
+          f"the mesh's batch axes ({split} = {rows})")
 
 
 # ---- the workdir ---------------------------------------------------------------------
