@@ -289,6 +289,6 @@ def test_web_demo_too_long_message_names_its_buttons(tiny_model, fixture_dir):
   demo = app.build(tiny_model, load_tokenizer(fixture_dir), settings)
   respond = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "respond")
   with pytest.raises(gr.Error) as e:
-    respond("word " * 600, [], [], 0, 8, 8, 8, 0.0, 0.0, "low_confidence", "")
+    list(respond("word " * 600, [], [], 0, 8, 8, 8, 0.0, 0.0, "low_confidence", ""))
   assert "too long" in e.value.message and "Press Reset" in e.value.message
   assert "/reset" not in e.value.message and "/set" not in e.value.message

@@ -212,7 +212,8 @@ class Transformer(nnx.Module):
     `head=False` stops after ln_f: hidden states [B, W, D] in place of the logits.
     """
     with self.activation_mesh():
-      return self._layers(ids_BW, mask_BS, start, cache, return_kv, fresh_from, head)
+      return self._layers(ids_BW, mask_BS, start, cache, return_kv, fresh_from, head,
+                          positions_W, embed_noise_BWD)
 
   def activation_mesh(self):
     """The model's own mesh as the `sharding.activation_mesh` (else the caller's)."""
@@ -220,7 +221,8 @@ class Transformer(nnx.Module):
       return contextlib.nullcontext()
     return sharding.activation_mesh(self.mesh, self.rules)
 
-  def _layers(self, ids_BW, mask_BS, start, cache, return_kv, fresh_from, head):
+  def _layers(self, ids_BW, mask_BS, start, cache, return_kv, fresh_from, head,
+              positions_W=None, embed_noise_BWD=None):
     cfg = self.config
     dt = DTYPES[cfg.dtype]
     ids_BW = jnp.asarray(ids_BW, jnp.int32)
