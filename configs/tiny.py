@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   """The embedded default: tokenizer + small LLaDA on Python's docs, ~minutes on 2 cores."""
   return ml_collections.ConfigDict(dict(
       model=model_config(),
-      kind="pretrain",  # "pretrain" | "sft" (SPEC §5)
+      kind="pretrain",  # "pretrain" | "sft" (SPEC §5) | "vrpo" (llada_jax/training/vrpo.py)
       seed=0,
       total_steps=1000,
       batch_size=16,  # global batch, rows
@@ -44,6 +44,13 @@ def get_config() -> ml_collections.ConfigDict:
       loss_vocab_chunk=0,  # >0: cross-entropy over vocabulary chunks, no [B, L, V] logits
       seq_len=128,
       init_from="",  # a model dir (HF snapshot, converted dir or workdir)
+      reference_from="",  # kind="vrpo": the frozen reference model dir (default: init_from)
+      vrpo=ml_collections.ConfigDict(dict(
+          n_samples=8,  # ELBO samples per answer and model (the budget n)
+          allocation="optimal",  # "optimal": n timesteps x 1 mask; "naive": 1 timestep x n masks
+          antithetic=True,  # the policy and the reference share timesteps and masks
+          beta=0.1,  # DPO's β
+      )),
       mesh=ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)),  # -1 = the rest
       data=ml_collections.ConfigDict(dict(
           source="pydoc_data.topics",  # see llada_jax/data.py

@@ -87,11 +87,13 @@ def compile_step(cfg, model_cfg: ModelConfig, devices):
     raise ValueError(f"config.batch_size={cfg.batch_size} does not split over the "
                      f"{batch_ways} data x fsdp devices of this slice; use a multiple of it")
   step_fn, abstract, _, _ = train.compile_train_step(cfg, model_cfg, mesh)
-  shardings = train.batch_shardings(mesh, cfg.kind)
-  shapes = {"input_ids": (cfg.batch_size, cfg.seq_len), "prompt_len": (cfg.batch_size,)}
-  batch = {k: jax.ShapeDtypeStruct(shapes[k], jnp.int32, sharding=sh)
+  obj = train.objective(cfg)
+  shardings = train.batch_shardings(mesh, obj)
+  batch = {k: jax.ShapeDtypeStruct((cfg.batch_size,) if k in obj.vectors
+                                   else (cfg.batch_size, cfg.seq_len), jnp.int32, sharding=sh)
            for k, sh in shardings.items()}
-  return step_fn.lower(abstract, batch).compile()
+  reference = (abstract["params"],) if obj.reference else ()  # frozen, sharded like the policy
+  return step_fn.lower(abstract, batch, *reference).compile()
 
 
 def memory(compiled) -> dict[str, float]:

@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import grain
 import jax
@@ -52,6 +52,7 @@ from llada_jax.training import lock
 from llada_jax.training import optimizer as optimizer_lib
 from llada_jax.training import resume
 from llada_jax.training import validate
+from llada_jax.training import vrpo
 from llada_jax.training import workdir as workdir_lib
 
 def log(msg: str) -> None:
@@ -61,63 +62,108 @@ def log(msg: str) -> None:
 
 # ---- the compiled step ----------------------------------------------------------
 
-def make_noise(rng: jax.Array, batch: dict[str, jax.Array], kind: str, mask_id: int
-               ) -> objectives.Noise:
-  if kind == "sft":
-    return objectives.sft_noise(rng, batch["input_ids"], batch["prompt_len"], mask_id)
-  return objectives.pretrain_noise(rng, batch["input_ids"], mask_id)
-
-
 def model_loss(model: nnx.Module, ids_BL: jax.Array, noise: objectives.Noise,
                vocab_chunk: int = 0, attention_mask_BL: jax.Array | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The masked-diffusion loss (nats) of `model` on `noise.noisy_BL`, plus the
   weighted router losses of MoE models -> (loss, {aux loss name: unweighted value}).
 
-  vocab_chunk > 0 (and < V): cross-entropy over chunks of that many vocabulary
-  columns from the final hidden states, never forming the [B, L, V] logits;
-  0: from the model's full float32 logits. Equal to float tolerance.
+  vocab_chunk: see `objectives.model_cross_entropy` (0: full logits).
   """
-  cfg = model.config
-  chunked = 0 < vocab_chunk < cfg.embedding_size
-  out, aux = model.forward_with_aux(noise.noisy_BL, attention_mask_BL, head=not chunked)
-  if not chunked:
-    loss = objectives.masked_loss(out, ids_BL, noise)
-  else:
-    scale = 1.0 / math.sqrt(cfg.d_model) if cfg.scale_logits else 1.0
-    loss = objectives.chunked_masked_loss(out, model.head_DV().astype(out.dtype), ids_BL,
-                                          noise, vocab_chunk, scale)
-  coefs = {"load_balancing_loss": cfg.router_aux_loss_coef,
-           "router_z_loss": cfg.router_z_loss_coef}
-  return loss + sum(coefs[k] * v for k, v in aux.items()), aux
+  ce_BL, aux = objectives.model_cross_entropy(model, ids_BL, noise.noisy_BL, vocab_chunk,
+                                              attention_mask_BL)
+  return objectives.weighted_loss(ce_BL, noise) + objectives.router_penalty(model.config, aux), aux
 
 
-def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-               model_cfg: ModelConfig, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, kind: str, micro_batches: int, seed: int,
+def _diffusion_loss(model, batch, noise, reference, *, vocab_chunk: int, micro_batches: int):
+  """Pre-training / SFT: one micro-batch's loss (normalised by the global batch through
+  the noise's weights) and its metrics."""
+  del reference
+  loss, aux = model_loss(model, batch["input_ids"], noise, vocab_chunk, noise.attention_mask_BL)
+  return loss, {"masked_tokens": jnp.sum(noise.masked_BL),
+                **{k: v / micro_batches for k, v in aux.items()}}  # summed over micro-batches
+
+
+class Objective(NamedTuple):
+  """What a training kind (`config.kind`) puts into the one train step.
+
+  noise(rng, batch, mask_id): the forward process's draw for the whole global
+    batch, a pytree with rows on axis 0 (so micro-batches see the noise of one
+    large batch).
+  loss(model, batch, noise, reference, *, vocab_chunk, micro_batches) ->
+    (loss, metrics) of one micro-batch, both normalised by the global batch
+    (micro-batches sum to the batch's values).
+  vectors: batch keys of [B] arrays; every other key is [B, L] token rows.
+  reference: whether the step takes a frozen reference model's params.
+  evaluate(model, reference, batch, rng, *, vocab_chunk): held-out metrics
+    {name: mean over the batch}, besides the ELBO; or None.
+  check_doc: validates a JSONL training line (refused lines are reported and
+    skipped), or None.
+  forward_rows: model forward-and-backward passes per batch row, for FLOPs.
+  """
+  noise: Callable[..., Any]
+  loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]] = _diffusion_loss
+  rows: tuple[str, ...] = ("input_ids",)
+  vectors: tuple[str, ...] = ()
+  reference: bool = False
+  evaluate: Callable[..., dict[str, jax.Array]] | None = None
+  check_doc: Callable[[dict], Any] | None = None
+  forward_rows: float = 1.0
+
+
+def _vrpo_objective(cfg) -> Objective:
+  s = vrpo.Settings.from_config(cfg.vrpo)
+  # 2 answers x n samples through the policy (forward and backward, 3 units) and
+  # the reference (forward only, 1 unit).
+  return Objective(noise=functools.partial(vrpo.draw, s=s),
+                   loss=functools.partial(vrpo.loss, s=s), rows=("input_ids", "rejected_ids"),
+                   vectors=("prompt_len",), reference=True,
+                   evaluate=functools.partial(vrpo.evaluate, s=s),
+                   check_doc=data_lib.preference_fields,
+                   forward_rows=2 * s.n_samples * (1 + 1 / 3))
+
+
+# config.kind -> its Objective (validate.KINDS lists the same kinds).
+OBJECTIVES: dict[str, Callable[[Any], Objective]] = {
+    "pretrain": lambda cfg: Objective(
+        noise=lambda rng, b, mask_id: objectives.pretrain_noise(rng, b["input_ids"], mask_id)),
+    "sft": lambda cfg: Objective(
+        noise=lambda rng, b, mask_id: objectives.sft_noise(rng, b["input_ids"], b["prompt_len"],
+                                                           mask_id),
+        vectors=("prompt_len",)),
+    "vrpo": _vrpo_objective,
+}
+
+
+def objective(cfg) -> Objective:
+  return OBJECTIVES[cfg.kind](cfg)
+
+
+def train_step(state: dict[str, Any], batch: dict[str, jax.Array], reference: Any = None, *,
+               graphdef: nnx.GraphDef, model_cfg: ModelConfig, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, obj: Objective, micro_batches: int, seed: int,
                vocab_chunk: int = 0) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One optimiser step on a global batch.
 
   state: {"params": float32 param pytree, "opt_state", "step": int32 [],
     "lr_scale": float32 [] (the rollbacks' factor on the schedule; traced, so
     changing it reuses the compiled step)}.
-  batch: {"input_ids": int32 [B, L]} (+ "prompt_len": int32 [B] for SFT).
+  batch: {"input_ids": int32 [B, L]} (+ the kind's other keys: `Objective`).
+  reference: the frozen reference model's param pytree (kinds that use one;
+    an argument, never differentiated), else None.
   A non-finite loss or gradient leaves params and optimiser state untouched
   (metrics["finite"] = 0); the step counter advances either way.
   """
   rng = jax.random.fold_in(jax.random.key(seed), state["step"])
-  noise = make_noise(rng, batch, kind, model_cfg.mask_token_id)
+  noise = obj.noise(rng, batch, model_cfg.mask_token_id)
 
   def loss_fn(params, mb):
-    ids_BL, nz = mb
-    loss, aux = model_loss(nnx.merge(graphdef, params), ids_BL, nz, vocab_chunk,
-                           nz.attention_mask_BL)
-    return loss, {"masked_tokens": jnp.sum(nz.masked_BL),
-                  **{k: v / micro_batches for k, v in aux.items()}}  # summed over micro-batches
+    ref_model = None if reference is None else nnx.merge(graphdef, reference)
+    return obj.loss(nnx.merge(graphdef, params), *mb, ref_model, vocab_chunk=vocab_chunk,
+                    micro_batches=micro_batches)
 
   loss, grads, aux = optimizer_lib.accumulate_gradients(
-      loss_fn, state["params"], (batch["input_ids"], noise), micro_batches)
-  masked = aux.pop("masked_tokens")
+      loss_fn, state["params"], (batch, noise), micro_batches)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -129,17 +175,28 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: 
                "opt_state": keep(opt_state, state["opt_state"]),
                "step": state["step"] + 1, "lr_scale": state["lr_scale"]}
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.int32),
-             "lr": schedule(state["step"]) * state["lr_scale"], "masked_tokens": masked, **aux}
+             "lr": schedule(state["step"]) * state["lr_scale"], **aux}
   return new_state, metrics
 
 
 def eval_step(params: dict[str, Any], batch: dict[str, jax.Array], rng: jax.Array, *,
               graphdef: nnx.GraphDef, model_cfg: ModelConfig, vocab_chunk: int = 0
-              ) -> jax.Array:
-  """Negative ELBO (nats per scored token) of a held-out batch, one noise draw."""
+              ) -> dict[str, jax.Array]:
+  """{"elbo_bits_per_token": negative ELBO per scored token} of a held-out batch, one
+  noise draw (SFT-like rows: of the answers)."""
   noise = objectives.elbo_noise(rng, batch["input_ids"], model_cfg.mask_token_id,
                                 batch.get("prompt_len"))
-  return model_loss(nnx.merge(graphdef, params), batch["input_ids"], noise, vocab_chunk)[0]
+  nats = model_loss(nnx.merge(graphdef, params), batch["input_ids"], noise, vocab_chunk)[0]
+  return {"elbo_bits_per_token": nats / math.log(2)}
+
+
+def objective_eval_step(params: dict[str, Any], reference: Any, batch: dict[str, jax.Array],
+                        rng: jax.Array, *, graphdef: nnx.GraphDef, obj: Objective,
+                        vocab_chunk: int = 0) -> dict[str, jax.Array]:
+  """The kind's own held-out metrics of a batch (`Objective.evaluate`), one noise draw."""
+  ref_model = None if reference is None else nnx.merge(graphdef, reference)
+  return obj.evaluate(nnx.merge(graphdef, params), ref_model, batch, rng,
+                      vocab_chunk=vocab_chunk)
 
 
 # ---- sharded state ----------------------------------------------------------------
@@ -153,13 +210,12 @@ def batch_sharding(mesh: Mesh, rules=sharding.DEFAULT_RULES) -> NamedSharding:
   return NamedSharding(mesh, sharding.logical_to_spec(("batch", None), rules, mesh))
 
 
-def batch_shardings(mesh: Mesh, kind: str, rules=sharding.DEFAULT_RULES) -> dict[str, Any]:
-  """Shardings of a batch dict: input_ids [B, L] (+ prompt_len [B] for SFT)."""
+def batch_shardings(mesh: Mesh, obj: Objective, rules=sharding.DEFAULT_RULES
+                    ) -> dict[str, Any]:
+  """Shardings of a batch dict: its [B, L] token rows and [B] vectors, by rows."""
   rows = batch_sharding(mesh, rules)
-  out = {"input_ids": rows}
-  if kind == "sft":
-    out["prompt_len"] = NamedSharding(mesh, P(rows.spec[0]))
-  return out
+  return {**{k: rows for k in obj.rows},
+          **{k: NamedSharding(mesh, P(rows.spec[0])) for k in obj.vectors}}
 
 
 def state_shardings(graphdef_state: nnx.State, tx: optax.GradientTransformation, mesh: Mesh,
@@ -189,12 +245,15 @@ def compile_train_step(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, m
   graphdef, abstract_params = nnx.split(models.abstract(model_cfg, mesh=mesh, rules=rules))
   tx, schedule = optimizer_lib.from_config(cfg)
   abstract, shardings = state_shardings(abstract_params, tx, mesh, rules)
+  obj = objective(cfg)
   step_fn = functools.partial(train_step, graphdef=graphdef, model_cfg=model_cfg, tx=tx,
-                              schedule=schedule, kind=cfg.kind,
+                              schedule=schedule, obj=obj,
                               micro_batches=cfg.micro_batches, seed=cfg.seed,
                               vocab_chunk=cfg.loss_vocab_chunk)
-  batch_sh = batch_shardings(mesh, cfg.kind, rules)
-  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh),
+  in_shardings = (shardings, batch_shardings(mesh, obj, rules))
+  if obj.reference:  # step(state, batch, reference params), sharded like the policy's
+    in_shardings += (shardings["params"],)
+  jitted = jax.jit(step_fn, in_shardings=in_shardings,
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
   return jitted, abstract, tx, graphdef
 
@@ -221,8 +280,10 @@ def counters(abstract: dict[str, Any], state: dict[str, Any], step: int, lr_scal
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """The global batch from this host's slice (rows split over the data axes)."""
-  shardings = batch_shardings(mesh, "sft" if "prompt_len" in local else "pretrain")
-  return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
+  rows = batch_sharding(mesh)
+  shardings = {2: rows, 1: NamedSharding(mesh, P(rows.spec[0]))}
+  return {k: jax.make_array_from_process_local_data(shardings[np.ndim(v)], v)
+          for k, v in local.items()}
 
 
 # ---- set-up: tokenizer, model config, data -------------------------------------
@@ -271,8 +332,7 @@ def model_config(cfg, tokenizer) -> ModelConfig:
   """The model's config (init_from's architecture if given), checked against the tokenizer."""
   model = dict(cfg.model)
   if cfg.init_from:
-    numerics = {k: model[k] for k in ("dtype", "attention", "remat_policy", "scan_layers")}
-    model_cfg = config_from_model_dir(cfg.init_from, param_dtype="float32", **numerics)
+    model_cfg = config_from_model_dir(cfg.init_from, param_dtype="float32", **_numerics(cfg))
   else:
     model_cfg = ModelConfig.from_dict({**model, "param_dtype": "float32"})
   if tokenizer is None:
@@ -294,12 +354,40 @@ def load_documents(cfg):
   """(training documents, held-out documents) as grain MapDatasets."""
   d = cfg.data
   data_dir = d.data_dir or None
-  docs = data_lib.documents(d.source, tfds_split=d.tfds_split, data_dir=data_dir, field=d.field)
+  check = objective(cfg).check_doc
+  docs = data_lib.documents(d.source, tfds_split=d.tfds_split, data_dir=data_dir, field=d.field,
+                            check=check)
   if d.eval_source or d.source.startswith("tfds:"):
     eval_docs = data_lib.documents(d.eval_source or d.source, tfds_split=d.tfds_eval_split,
-                                   data_dir=data_dir, field=d.field)
+                                   data_dir=data_dir, field=d.field, check=check)
     return grain.MapDataset.source(docs), grain.MapDataset.source(eval_docs)
   return data_lib.split_heldout(docs, d.eval_fraction, cfg.seed)
+
+
+def reference_dir(cfg) -> str:
+  """The frozen reference model's directory: `reference_from`, else `init_from`."""
+  return cfg.get("reference_from") or cfg.init_from
+
+
+def _numerics(cfg) -> dict[str, Any]:
+  """The run's compute settings, applied to every model it loads."""
+  return {k: cfg.model[k] for k in ("dtype", "attention", "remat_policy", "scan_layers")}
+
+
+def check_reference(cfg, model_cfg: ModelConfig) -> None:
+  """Refuses a reference model whose architecture or ids differ from the policy's."""
+  directory = reference_dir(cfg)
+  ref_cfg = config_from_model_dir(directory, param_dtype="float32", **_numerics(cfg))
+  validate.check_reference(directory, model_cfg.to_hf(), ref_cfg.to_hf())
+
+
+def load_reference(cfg, model_cfg: ModelConfig, mesh: Mesh, param_shardings: Any) -> Any:
+  """The reference model's float32 params, sharded like the policy's (its own copy: the
+  policy's buffers are donated to each step)."""
+  loaded = loading.load(reference_dir(cfg), dtype=model_cfg.dtype, param_dtype="float32",
+                        mesh=mesh)
+  params = nnx.to_pure_dict(nnx.split(loaded)[1])
+  return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)(params)
 
 
 def _sync(name: str) -> None:
@@ -392,8 +480,10 @@ class _StepEnd:
     line = {"loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"],
             "tokens_per_s": tok_s, "tflops_per_device": tflops,
             "mfu": tflops * 1e12 / self.peak, "skipped_steps": self.meta["skipped_steps"]}
-    router = {k: last[k] for k in ("load_balancing_loss", "router_z_loss") if k in last}
-    line.update(router)  # MoE models: the router losses, logged apart from the loss
+    # MoE models: the router losses, logged apart from the loss; VRPO: its metrics.
+    router = {k: last[k] for k in ("load_balancing_loss", "router_z_loss") + vrpo.METRICS
+              if k in last}
+    line.update(router)
     log(f"step {step}/{self.cfg.total_steps} loss {line['loss']:.4f} lr {line['lr']:.3g} "
         f"grad_norm {line['grad_norm']:.3f} tokens/s {tok_s:,.0f} "
         f"TFLOP/s/device {tflops:.4g} MFU {100 * line['mfu']:.2f}% "
@@ -424,15 +514,18 @@ def _roll_back(cfg, mngr, abstract: dict[str, Any], iterator, meta: dict[str, An
   return counters(abstract, restored, back, meta["lr_scale"]), back
 
 
-def evaluate(eval_fn: Callable, params, batches, mesh: Mesh, samples: int, seed: int) -> float:
-  """Held-out negative ELBO in bits per scored token (mean over batches and draws)."""
-  total = 0.0
+def evaluate(eval_fn: Callable, args: tuple, batches, mesh: Mesh, samples: int, seed: int
+             ) -> dict[str, float]:
+  """Means over held-out batches and noise draws of `eval_fn(*args, batch, rng)`, a
+  dict of scalars; the draws are the same at every evaluation."""
+  total = None
   for i, batch in enumerate(batches):
     gb = global_batch(_host_rows(batch), mesh)
     for j in range(samples):
       rng = jax.random.fold_in(jax.random.key(seed + 1), i * samples + j)
-      total = total + eval_fn(params, gb, rng)  # summed on device, read once
-  return float(total) / (len(batches) * samples) / math.log(2)
+      out = eval_fn(*args, gb, rng)
+      total = out if total is None else jax.tree.map(jnp.add, total, out)  # read once
+  return {k: float(v) / (len(batches) * samples) for k, v in total.items()}
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
@@ -459,6 +552,9 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   train_docs, eval_docs = load_documents(cfg)
   tokenizer, tokenizer_dir = resolve_tokenizer(cfg, workdir, train_docs)
   model_cfg = model_config(cfg, tokenizer)
+  obj = objective(cfg)
+  if obj.reference:
+    check_reference(cfg, model_cfg)
   validate.check_resume(workdir, model_cfg.to_hf(), json.loads(cfg.to_json_best_effort()))
   pc, pi = jax.process_count(), jax.process_index()
   dataset = data_lib.train_dataset(
@@ -492,8 +588,23 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:  # only now: a refused or failed restore leaves them as they were
     workdir_lib.write_model_files(workdir, model_cfg, tokenizer_dir, cfg.to_json_best_effort(
         indent=2))
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, model_cfg=model_cfg,
+  reference = None
+  if obj.reference:
+    reference = load_reference(cfg, model_cfg, mesh, jax.tree.map(lambda a: a.sharding,
+                                                                  abstract["params"]))
+    log(f"reference model (frozen): {reference_dir(cfg)}")
+  step_args = (reference,) if obj.reference else ()
+  elbo_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, model_cfg=model_cfg,
                                       vocab_chunk=cfg.loss_vocab_chunk))
+  obj_eval_fn = obj.evaluate and jax.jit(functools.partial(
+      objective_eval_step, graphdef=graphdef, obj=obj, vocab_chunk=cfg.loss_vocab_chunk))
+
+  def held_out(params) -> dict[str, float]:
+    out = evaluate(elbo_fn, (params,), evals, mesh, cfg.eval_samples, cfg.seed)
+    if obj_eval_fn:
+      out.update(evaluate(obj_eval_fn, (params, reference), evals, mesh, cfg.eval_samples,
+                          cfg.seed))
+    return {f"eval_{k}": v for k, v in out.items()}
 
   n_devices = jax.device_count()
   peak, peak_source = ((cfg.peak_flops, "config") if cfg.peak_flops
@@ -506,7 +617,7 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") if pi == 0 else None
   preemption = _Preemption()
   step = int(latest or 0)
-  flops_per_step = (cfg.batch_size * cfg.seq_len
+  flops_per_step = (cfg.batch_size * cfg.seq_len * obj.forward_rows
                     * flops_lib.flops_per_token(model_cfg, cfg.seq_len) / n_devices)
   step_end = _StepEnd(cfg, meta, _progress(cfg.total_steps, step), metrics_file, writer,
                     flops_per_step, peak, on_step)
@@ -516,7 +627,7 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   pending = None  # (step, metrics) dispatched but not yet ended on the host
   batch = global_batch(next(iterator), mesh) if step < cfg.total_steps else None
   while step < cfg.total_steps:
-    state, metrics = step_fn(state, batch)
+    state, metrics = step_fn(state, batch, *step_args)
     step += 1
     preempted = preemption.requested or (pc > 1 and mngr.reached_preemption(step))
     eval_now = bool(cfg.eval_every) and step % cfg.eval_every == 0 and step < cfg.total_steps
@@ -541,10 +652,7 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     if save_now:
       workdir_lib.save(mngr, step, state, iterator, meta)
     if eval_now:
-      bits = evaluate(eval_fn, state["params"], evals, mesh, cfg.eval_samples, cfg.seed)
-      log(f"step {step}: held-out ELBO {bits:.4f} bits/token "
-          f"(unigram entropy {unigram_bits:.4f})")
-      _scalars(writer, step, {"eval_elbo_bits_per_token": bits})
+      _log_eval(writer, step, held_out(state["params"]), unigram_bits)
       step_end.restart()
     if preempted:
       workdir_lib.save(mngr, step, state, iterator, meta, force=True)
@@ -559,18 +667,19 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   if mngr.latest_step() != step:
     workdir_lib.save(mngr, step, state, iterator, meta, force=True)
   step_end.progress.close()
-  bits = evaluate(eval_fn, state["params"], evals, mesh, cfg.eval_samples, cfg.seed)
-  _scalars(writer, step, {"eval_elbo_bits_per_token": bits})
+  held = held_out(state["params"])
+  _scalars(writer, step, held)
   write_samples(cfg, graphdef, state["params"], evals, tokenizer, mesh)
   mngr.wait_until_finished()
   mngr.close()
-  result = {"step": step, "loss": last["loss"], "eval_elbo_bits_per_token": bits,
+  bits = held["eval_elbo_bits_per_token"]
+  result = {"step": step, "loss": last["loss"], **held,
             "unigram_entropy_bits_per_token": unigram_bits,
             "skipped_steps": meta["skipped_steps"], "rollbacks": meta["rollbacks"],
             "seconds": time.time() - t_start}
   log(f"done: step {step}, loss {last['loss']:.4f}, held-out ELBO {bits:.4f} bits/token, "
-      f"unigram entropy of the held-out text {unigram_bits:.4f} bits/token, "
-      f"{result['seconds']:.0f} s")
+      f"unigram entropy of the held-out text {unigram_bits:.4f} bits/token"
+      + _objective_line(held) + f", {result['seconds']:.0f} s")
   if metrics_file:
     metrics_file.close()
   if writer:
@@ -591,6 +700,18 @@ def write_samples(cfg, graphdef, params, evals, tokenizer, mesh) -> None:
     log(f"sample: {tokenizer.decode(prompt.tolist())!r} -> "
         f"{tokenizer.decode(row[len(prompt):].tolist())!r}")
   del mesh
+
+
+def _objective_line(held: dict[str, float]) -> str:
+  """The held-out metrics besides the ELBO, for a log line ("" if none)."""
+  return "".join(f", {k[5:]} {v:.4f}" for k, v in held.items()
+                 if k != "eval_elbo_bits_per_token")
+
+
+def _log_eval(writer, step: int, held: dict[str, float], unigram_bits: float) -> None:
+  log(f"step {step}: held-out ELBO {held['eval_elbo_bits_per_token']:.4f} bits/token "
+      f"(unigram entropy {unigram_bits:.4f})" + _objective_line(held))
+  _scalars(writer, step, held)
 
 
 def _summary_writer(workdir: str):

@@ -21,6 +21,8 @@ import jax
 
 from llada_jax.checkpoints import layout
 
+# config.kind values (the keys of train.OBJECTIVES).
+KINDS = ("pretrain", "sft", "vrpo")
 # Keys of train_config.json a resumed run may not change: they define what the
 # checkpoint holds (the model is compared through config.json, key by key).
 FROZEN_KEYS = ("kind",)
@@ -108,8 +110,8 @@ def mesh_shape(cfg, device_count: int) -> tuple[int, int, int]:
 def check_config(cfg, process_count: int = 1, device_count: int = 1) -> None:
   """Every value the trainer reads; ValueError naming the first bad key."""
   kind = _get(cfg, "kind")
-  if kind not in ("pretrain", "sft"):
-    _fail("kind", kind, "is not 'pretrain' or 'sft'")
+  if kind not in KINDS:
+    _fail("kind", kind, f"is not one of {', '.join(map(repr, KINDS))}")
   total = _int(cfg, "total_steps", 1)
   for key in ("seq_len", "batch_size", "micro_batches", "log_every", "eval_batches",
               "eval_batch_size", "eval_samples", "max_nonfinite_in_a_row",
@@ -131,6 +133,36 @@ def check_config(cfg, process_count: int = 1, device_count: int = 1) -> None:
   init_from = _get(cfg, "init_from")
   if init_from and not os.path.isdir(init_from):
     _fail("init_from", init_from, "is not a directory")
+  if kind == "vrpo":
+    _check_vrpo(cfg)
+
+
+def _check_vrpo(cfg) -> None:
+  if not _get(cfg, "init_from"):
+    _fail("init_from", _get(cfg, "init_from"), "kind='vrpo' fine-tunes a model: set the "
+          "policy's starting model (also the reference, unless config.reference_from)")
+  reference = _get(cfg, "reference_from")
+  if reference and not os.path.isdir(reference):
+    _fail("reference_from", reference, "is not a directory")
+  _int(cfg, "vrpo.n_samples", 1)
+  allocation = _get(cfg, "vrpo.allocation")
+  if allocation not in ("optimal", "naive"):
+    _fail("vrpo.allocation", allocation, "is not 'optimal' (n timesteps, one mask each) or "
+          "'naive' (one timestep, n masks)")
+  if not isinstance(_get(cfg, "vrpo.antithetic"), bool):
+    _fail("vrpo.antithetic", _get(cfg, "vrpo.antithetic"), "expected True or False")
+  _real(cfg, "vrpo.beta", 0, lo_open=True)
+
+
+def check_reference(reference_dir: str, policy_hf: dict[str, Any],
+                    reference_hf: dict[str, Any]) -> None:
+  """Refuses a reference model whose config.json differs from the policy's, naming
+  every differing key."""
+  diff = _differing(_flatten(policy_hf), _flatten(reference_hf))
+  if diff:
+    raise ValueError(f"config.reference_from={reference_dir!r}: its model differs from the "
+                     f"policy's (policy -> reference) in {'; '.join(diff)[:400]}; the reference "
+                     f"must be the policy's architecture with the same special ids")
 
 
 def _check_optimizer(cfg, total_steps: int) -> None:
