@@ -149,8 +149,6 @@ def _check_vrpo(cfg) -> None:
   if allocation not in ("optimal", "naive"):
     _fail("vrpo.allocation", allocation, "is not 'optimal' (n timesteps, one mask each) or "
           "'naive' (one timestep, n masks)")
-  if not isinstance(_get(cfg, "vrpo.antithetic"), bool):
-    _fail("vrpo.antithetic", _get(cfg, "vrpo.antithetic"), "expected True or False")
   _real(cfg, "vrpo.beta", 0, lo_open=True)
 
 

@@ -55,10 +55,10 @@ class Settings:
 
 
 class PairNoise(NamedTuple):
-  """The noisy rows each model scores: fields [B, A, N, L] (`reference is policy`
-  under antithetic sampling)."""
+  """The noisy rows each model scores: fields [B, A, N, L]; `reference` None under
+  antithetic sampling (the reference scores the policy's)."""
   policy: objectives.Noise
-  reference: objectives.Noise
+  reference: objectives.Noise | None
 
 
 def pair_ids(batch: dict[str, jax.Array]) -> jax.Array:
@@ -94,7 +94,7 @@ def draw(rng: jax.Array, batch: dict[str, jax.Array], mask_id: int, s: Settings)
   ids_BAL = pair_ids(batch)
   policy = elbo_noise(rng, ids_BAL, batch["prompt_len"], mask_id, s)
   if s.antithetic:
-    return PairNoise(policy, policy)
+    return PairNoise(policy, None)
   return PairNoise(policy, elbo_noise(jax.random.fold_in(rng, 1), ids_BAL, batch["prompt_len"],
                                       mask_id, s))
 
@@ -107,8 +107,15 @@ def elbo_samples(ce_BANL: jax.Array, noise: objectives.Noise, prompt_len_B: jax.
   return -jnp.sum(terms_BANL, axis=-1) / answer_len_B[:, None, None]
 
 
-def preference_terms(elbo_policy_BAN: jax.Array, elbo_reference_BAN: jax.Array, beta: float
-                     ) -> dict[str, jax.Array]:
+class Elbos(NamedTuple):
+  """ELBO samples [B, A, N] of the policy and the (frozen) reference, and their
+  differences B̂_θ − B̂_ref per sample."""
+  policy_BAN: jax.Array
+  reference_BAN: jax.Array
+  diff_BAN: jax.Array
+
+
+def preference_terms(elbos: Elbos, beta: float) -> dict[str, jax.Array]:
   """Per-pair [B] loss, margin and the rest of METRICS from the ELBO samples.
 
   margin = β[(B̂_θ(y_w) − B̂_ref(y_w)) − (B̂_θ(y_l) − B̂_ref(y_l))] (B̂: the mean
@@ -117,12 +124,11 @@ def preference_terms(elbo_policy_BAN: jax.Array, elbo_reference_BAN: jax.Array, 
   variance of the margin estimate when the N samples are independent (the
   optimal allocation). NaN for N = 1.
   """
-  policy_BA = jnp.mean(elbo_policy_BAN, axis=-1)
-  reference_BA = jnp.mean(elbo_reference_BAN, axis=-1)
-  log_ratio_BA = policy_BA - reference_BA
+  policy_BA = jnp.mean(elbos.policy_BAN, axis=-1)
+  reference_BA = jnp.mean(elbos.reference_BAN, axis=-1)
+  log_ratio_BA = jnp.mean(elbos.diff_BAN, axis=-1)
   margin_B = beta * (log_ratio_BA[:, 0] - log_ratio_BA[:, 1])
-  diff_BAN = elbo_policy_BAN - elbo_reference_BAN
-  score_BN = beta * (diff_BAN[:, 0] - diff_BAN[:, 1])
+  score_BN = beta * (elbos.diff_BAN[:, 0] - elbos.diff_BAN[:, 1])
   N = score_BN.shape[-1]
   variance_B = (jnp.var(score_BN, axis=-1, ddof=1) / N if N > 1
                 else jnp.full(margin_B.shape, jnp.nan))
@@ -138,21 +144,32 @@ def _rows(x_BANL: jax.Array) -> jax.Array:
 
 
 def pair_elbos(model: Any, reference: Any, batch: dict[str, jax.Array], noise: PairNoise,
-               vocab_chunk: int = 0) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-  """(policy ELBO samples [B, A, N], reference ELBO samples [B, A, N] (no gradient),
-  the policy's auxiliary losses): one forward of R rows per model."""
+               vocab_chunk: int = 0) -> tuple[Elbos, dict[str, jax.Array]]:
+  """(the ELBO samples, the policy's auxiliary losses): one forward of R rows per model;
+  no gradient through the reference."""
   ids_BAL = pair_ids(batch)
   B, A, L = ids_BAL.shape
   N = noise.policy.noisy_BL.shape[2]
   targets_RL = _rows(jnp.broadcast_to(ids_BAL[:, :, None], (B, A, N, L)))
 
-  def elbos(m, nz):
+  def cross_entropy(m, nz):
     ce_RL, aux = objectives.model_cross_entropy(m, targets_RL, _rows(nz.noisy_BL), vocab_chunk)
-    return elbo_samples(ce_RL.reshape(B, A, N, L), nz, batch["prompt_len"]), aux
+    return ce_RL.reshape(B, A, N, L), aux
 
-  policy_BAN, aux = elbos(model, noise.policy)
-  reference_BAN, _ = elbos(reference, noise.reference)
-  return policy_BAN, jax.lax.stop_gradient(reference_BAN), aux
+  ref_noise = noise.policy if noise.reference is None else noise.reference
+  ce_policy, aux = cross_entropy(model, noise.policy)
+  ce_reference = jax.lax.stop_gradient(cross_entropy(reference, ref_noise)[0])
+  prompt_len_B = batch["prompt_len"]
+  policy_BAN = elbo_samples(ce_policy, noise.policy, prompt_len_B)
+  reference_BAN = elbo_samples(ce_reference, ref_noise, prompt_len_B)
+  if noise.reference is None:
+    # Shared noise: the difference from the per-token CE differences, so that equal
+    # models give exactly 0 (the difference of the two sums may not: XLA can fuse a
+    # sum's scaling into the subtraction as an FMA).
+    diff_BAN = elbo_samples(ce_policy - ce_reference, noise.policy, prompt_len_B)
+  else:
+    diff_BAN = policy_BAN - reference_BAN
+  return Elbos(policy_BAN, reference_BAN, diff_BAN), aux
 
 
 def loss(model: Any, batch: dict[str, jax.Array], noise: PairNoise, reference: Any, *,
@@ -161,8 +178,8 @@ def loss(model: Any, batch: dict[str, jax.Array], noise: PairNoise, reference: A
   """One micro-batch's VRPO loss (mean over the pairs of the global batch, so that
   micro-batches sum to it; plus the policy's weighted router losses) and METRICS
   (likewise summed to batch means)."""
-  policy_BAN, reference_BAN, aux = pair_elbos(model, reference, batch, noise, vocab_chunk)
-  terms = preference_terms(policy_BAN, reference_BAN, s.beta)
+  elbos, aux = pair_elbos(model, reference, batch, noise, vocab_chunk)
+  terms = preference_terms(elbos, s.beta)
   total = terms["loss"].shape[0] * micro_batches
   metrics = {k: jnp.sum(v) / total for k, v in terms.items()}
   value = metrics.pop("loss") + objectives.router_penalty(model.config, aux) / micro_batches
@@ -175,7 +192,6 @@ def evaluate(model: Any, reference: Any, batch: dict[str, jax.Array], rng: jax.A
              s: Settings, vocab_chunk: int = 0) -> dict[str, jax.Array]:
   """Held-out means over a batch: `vrpo_loss` (the loss) and METRICS."""
   noise = draw(rng, batch, model.config.mask_token_id, s)
-  policy_BAN, reference_BAN, _ = pair_elbos(model, reference, batch, noise, vocab_chunk)
-  terms = preference_terms(policy_BAN, reference_BAN, s.beta)
+  terms = preference_terms(pair_elbos(model, reference, batch, noise, vocab_chunk)[0], s.beta)
   terms["vrpo_loss"] = terms.pop("loss")
   return {k: jnp.mean(v) for k, v in terms.items()}
