@@ -45,3 +45,23 @@ def test_chat_benchmark_counts_compilations(fixture_dir):
   assert [r["bucket"] for r in result["per_turn"]] == [64, 64, 128]
   assert result["sampler_compiles"] == 2  # one per bucket: turn 2 reuses turn 1's program
   assert result["per_turn"][1]["compiles"] == 0
+
+
+def test_vrpo_variance_benchmark_runs(monkeypatch):
+  import math  # pylint: disable=g-import-not-at-top
+  from benchmarks import vrpo_variance  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(vrpo_variance, "BUDGETS", (2,))
+  result = vrpo_variance.run(draws=3, pairs=2, seq_len=32, seed=0)
+  assert len(result["rows"]) == 4 and all(math.isfinite(r["variance"]) for r in result["rows"])
+  assert result["table"].count("\n") == 2  # header, rule, one budget
+
+
+def test_vrpo_e2e_pairs_prefer_the_right_answer():
+  from benchmarks import vrpo_e2e  # pylint: disable=g-import-not-at-top
+  records = [{"prompt": "3121", "response": "1123"}, {"prompt": "5555", "response": "5555"},
+             {"prompt": "90", "response": "09"}]
+  pairs = vrpo_e2e.make_pairs(records, ["1123", "5555", "9"], seed=0)
+  assert [p["prompt"] for p in pairs] == ["3121", "90"]  # no wrong answer for "5555"
+  assert pairs[0]["chosen"] == "1123" and sorted(pairs[0]["rejected"]) == sorted("1123")
+  assert pairs[0]["rejected"] != "1123"
+  assert pairs[1] == {"prompt": "90", "chosen": "09", "rejected": "9"}  # the model's mistake
