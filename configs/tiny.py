@@ -36,7 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
   """The embedded default: tokenizer + small LLaDA on Python's docs, ~minutes on 2 cores."""
   return ml_collections.ConfigDict(dict(
       model=model_config(),
-      kind="pretrain",  # "pretrain" | "sft" (SPEC §5) | "block_pretrain" | "block_sft"
+      # "pretrain" | "sft" (SPEC §5) | "block_pretrain" | "block_sft" | "vrpo" (training/vrpo.py)
+      kind="pretrain",
       # Block diffusion (block kinds; training/block_objectives.py):
       block_length=0,  # block size, divides seq_len (required by the block kinds)
       t_min=0.0,  # per-block noise level t ~ U[t_min, t_max] (mask-ratio bandwidth)
@@ -55,6 +56,13 @@ def get_config() -> ml_collections.ConfigDict:
       # Devices per slice on each axis (-1 = the rest), times dcn_* slices (multi-slice).
       mesh=ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1,
                                           dcn_data=1, dcn_fsdp=1)),
+      reference_from="",  # kind="vrpo": the frozen reference model dir (default: init_from)
+      vrpo=ml_collections.ConfigDict(dict(
+          n_samples=8,  # ELBO samples per answer and model (the budget n)
+          allocation="optimal",  # "optimal": n timesteps x 1 mask; "naive": 1 timestep x n masks
+          antithetic=True,  # the policy and the reference share timesteps and masks
+          beta=0.1,  # DPO's β
+      )),
       data=ml_collections.ConfigDict(dict(
           source="pydoc_data.topics",  # see llada_jax/data.py
           eval_source="",  # default: a held-out fraction of `source`

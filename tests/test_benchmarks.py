@@ -56,3 +56,21 @@ def test_serve_benchmark_batches_concurrent_clients(fixture_dir):
   assert one["rows_per_call"] == 1 and two["rows_per_call"] == 2  # the pair shared a call
   assert two["requests"] == 2 and two["requests_per_s"] > 0
   assert two["seconds"]["min"] <= two["seconds"]["median"] <= two["seconds"]["max"]
+def test_vrpo_variance_benchmark_runs(monkeypatch):
+  import math  # pylint: disable=g-import-not-at-top
+  from benchmarks import vrpo_variance  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(vrpo_variance, "BUDGETS", (2,))
+  result = vrpo_variance.run(draws=3, pairs=2, seq_len=32, seed=0)
+  assert len(result["rows"]) == 4 and all(math.isfinite(r["variance"]) for r in result["rows"])
+  assert result["table"].count("\n") == 2  # header, rule, one budget
+
+
+def test_vrpo_e2e_pairs_prefer_the_right_answer():
+  from benchmarks import vrpo_e2e  # pylint: disable=g-import-not-at-top
+  records = [{"prompt": "3121", "response": "1123"}, {"prompt": "5555", "response": "5555"},
+             {"prompt": "90", "response": "09"}]
+  pairs = vrpo_e2e.make_pairs(records, ["1123", "5555", "9"], seed=0)
+  assert [p["prompt"] for p in pairs] == ["3121", "90"]  # no wrong answer for "5555"
+  assert pairs[0]["chosen"] == "1123" and sorted(pairs[0]["rejected"]) == sorted("1123")
+  assert pairs[0]["rejected"] != "1123"
+  assert pairs[1] == {"prompt": "90", "chosen": "09", "rejected": "9"}  # the model's mistake

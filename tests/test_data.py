@@ -1,4 +1,4 @@
-"""Data pipelines: sources, packing, SFT rows, per-host slices, exact resume."""
+"""Data pipelines: sources, packing, SFT and preference rows, per-host slices, exact resume."""
 
 import json
 import math
@@ -117,6 +117,65 @@ def test_sft_pipeline_batches():
                           batch_size=4, seed=1, eos_id=EOS)
   batch = next(iter(ds))
   assert batch["input_ids"].shape == (4, 32) and batch["prompt_len"].shape == (4,)
+
+
+def test_preference_rows_in_every_format_share_the_prompt():
+  want = data.preference_example({"prompt": "hi", "chosen": "yes", "rejected": "no!"}, TOK, 40)
+  n = int(want["prompt_len"])
+  np.testing.assert_array_equal(want["input_ids"],
+                                data.sft_example({"prompt": "hi", "response": "yes"}, TOK, 40)
+                                ["input_ids"])
+  assert want["rejected_ids"].tolist()[:n] == want["input_ids"].tolist()[:n]
+  assert want["rejected_ids"].tolist()[n:n + 4] == TOK.encode("no!") + [EOT]
+  user = [{"role": "user", "content": "hi"}]
+  answer = lambda text: [{"role": "assistant", "content": text}]
+  for doc in ({"messages": user, "chosen": "yes", "rejected": "no!"},  # chat messages
+              {"prompt": user, "chosen": answer("yes"), "rejected": answer("no!")},  # TRL
+              {"chosen": user + answer("yes"), "rejected": user + answer("no!")}):  # implicit
+    got = data.preference_example(doc, TOK, 40)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+@pytest.mark.parametrize("doc, why", [
+    ({"prompt": "q", "chosen": "a"}, "no 'rejected'"),
+    ({"prompt": "q", "chosen": " a ", "rejected": "a"}, "the same answer"),
+    ({"chosen": "a", "rejected": "b"}, "needs `prompt` or `messages`"),
+    ({"prompt": "q", "chosen": "a", "rejected": [{"role": "user", "content": "b"}]},
+     "`rejected` must be a string or a list of messages"),
+    ({"prompt": "q", "chosen": "", "rejected": "b"}, "`chosen` is an empty answer"),
+])
+def test_bad_preference_examples_are_named(doc, why):
+  with pytest.raises(ValueError, match=why):
+    data.preference_fields(doc)
+
+
+def test_bad_preference_lines_are_reported_by_number_and_skipped(tmp_path, capsys):
+  lines = [{"prompt": "q1", "chosen": "a", "rejected": "b"},
+           {"prompt": "q2", "chosen": "a"},
+           {"prompt": "q3", "chosen": "same", "rejected": "same"},
+           {"prompt": "q4", "chosen": "c", "rejected": "d"}]
+  path = tmp_path / "prefs.jsonl"
+  path.write_text("".join(json.dumps(l) + "\n" for l in lines))
+  docs = data.documents(str(path), check=data.preference_fields)
+  assert [d["prompt"] for d in docs] == ["q1", "q4"]
+  err = capsys.readouterr().err
+  assert f"{path}:2: skipped: preference example has no 'rejected'" in err, err
+  assert f"{path}:3: skipped: `chosen` and `rejected` are the same answer" in err, err
+  path.write_text(json.dumps(lines[1]) + "\n")
+  with pytest.raises(ValueError, match="no usable line"):
+    data.documents(str(path), check=data.preference_fields)
+  with pytest.raises(ValueError, match="must be JSONL"):
+    data.documents(data.PYDOC, check=data.preference_fields)
+
+
+def test_preference_pipeline_batches():
+  import grain
+  rows = [{"prompt": f"q{i}", "chosen": "a" * i, "rejected": "b"} for i in range(1, 10)]
+  batch = next(iter(data.train_dataset(grain.MapDataset.source(rows), TOK, kind="vrpo",
+                                       seq_len=32, batch_size=4, seed=1, eos_id=EOS)))
+  assert batch["input_ids"].shape == batch["rejected_ids"].shape == (4, 32)
+  assert batch["prompt_len"].shape == (4,)
 
 
 def test_sources(tmp_path):

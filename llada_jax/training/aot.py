@@ -97,11 +97,13 @@ def compile_step(cfg, model_cfg: ModelConfig, devices, compiler_options=None):
                      f"{batch_ways} data x fsdp x expert devices of this slice; use a multiple "
                      "of it")
   step_fn, abstract, _, _ = train.compile_train_step(cfg, model_cfg, mesh)
-  shardings = train.batch_shardings(mesh, cfg.kind)
-  shapes = {"input_ids": (cfg.batch_size, cfg.seq_len), "prompt_len": (cfg.batch_size,)}
-  batch = {k: jax.ShapeDtypeStruct(shapes[k], jnp.int32, sharding=sh)
+  obj = train.objective(cfg)
+  shardings = train.batch_shardings(mesh, obj)
+  batch = {k: jax.ShapeDtypeStruct((cfg.batch_size,) if k in obj.vectors
+                                   else (cfg.batch_size, cfg.seq_len), jnp.int32, sharding=sh)
            for k, sh in shardings.items()}
-  return step_fn.lower(abstract, batch).compile(compiler_options)
+  reference = (abstract["params"],) if obj.reference else ()  # frozen, sharded like the policy
+  return step_fn.lower(abstract, batch, *reference).compile(compiler_options)
 
 
 def memory(compiled) -> dict[str, float]:

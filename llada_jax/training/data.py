@@ -6,12 +6,17 @@ Sources (`source` string):
   PATH or GLOB ending in .txt  plain text, one document per blank-line-separated block
                                (a PATH or GLOB may be a URL: gs://bucket/data/*.jsonl)
   ... .jsonl / .json           one JSON object per line: `text`, or for SFT
-                               `prompt`/`response` or chat `messages`
+                               `prompt`/`response` or chat `messages`, or for
+                               preferences (VRPO) `prompt` or `messages` with
+                               `chosen`/`rejected` (TRL's preference format)
   ... .array_record            pre-tokenized: each record the int32 ids of a document
 
 Pre-training rows pack documents (ids + EOS) into `seq_len` tokens; SFT rows
 are one example each, `<chat prompt>{answer}<eot><EOS>...` right-padded with EOS
-(SPEC §5) with the prompt length alongside. Each host reads its own slice of
+(SPEC §5) with the prompt length alongside; preference rows are two SFT rows
+of one prompt (`input_ids` the chosen answer, `rejected_ids` the rejected). A
+preference line that cannot be used is reported with its number and skipped.
+Each host reads its own slice of
 the documents; the iterator state (`get_state`/`set_state`) is saved with the
 checkpoint, so a resumed run sees exactly the data it would have seen.
 """
@@ -20,7 +25,9 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Sequence
+import os
+import sys
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
@@ -43,15 +50,27 @@ def _text_blocks(text: str) -> list[str]:
   return [b.strip() for b in text.split("\n\n") if b.strip()]
 
 
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-  rows = []
+def _read_jsonl(path: str, check: Callable[[dict], Any] | None = None) -> list[dict[str, Any]]:
+  """The JSON objects of a file, one a line; with `check`, a line it refuses
+  (ValueError) is reported on stderr with its number and skipped."""
+  rows, skipped = [], 0
   with paths.open(path, encoding="utf-8") as f:
     for n, line in enumerate(f, 1):
       if line.strip():
         try:
-          rows.append(json.loads(line))
+          row = json.loads(line)
         except json.JSONDecodeError as e:
           raise ValueError(f"{path}:{n}: not a JSON object ({e})") from None
+        if check is not None:
+          try:
+            check(row)
+          except ValueError as e:
+            print(f"{path}:{n}: skipped: {e}", file=sys.stderr, flush=True)
+            skipped += 1
+            continue
+        rows.append(row)
+  if skipped:
+    print(f"{path}: skipped {skipped} bad line(s), kept {len(rows)}", file=sys.stderr, flush=True)
   return rows
 
 
@@ -83,9 +102,16 @@ class _TokenRecords:
 
 
 def documents(source: str, *, tfds_split: str = "train", data_dir: str | None = None,
-              field: str = "text") -> Sequence[dict[str, Any]]:
+              field: str = "text", check: Callable[[dict], Any] | None = None
+              ) -> Sequence[dict[str, Any]]:
   """Random-access documents of `source`: dicts with `text`, `ids`, `prompt`/`response`
-  or `messages`."""
+  or `messages` (+ `chosen`/`rejected`).
+
+  check: validates each JSON line (see `_read_jsonl`); only JSONL sources are
+  accepted with it, and at least one line must pass.
+  """
+  if check is not None:
+    return _checked_jsonl(source, check)
   if source == PYDOC:
     from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
     return [{"text": b} for key in sorted(topics) for b in _text_blocks(topics[key])]
@@ -108,6 +134,19 @@ def documents(source: str, *, tfds_split: str = "train", data_dir: str | None = 
     else:
       raise ValueError(f"data source {path!r}: unknown file type "
                        "(want .txt, .jsonl, .json or .array_record)")
+  return docs
+
+
+def _checked_jsonl(source: str, check: Callable[[dict], Any]) -> list[dict[str, Any]]:
+  paths = [source] if source == PYDOC or source.startswith("tfds:") else _paths(source)
+  docs = []
+  for path in paths:
+    if not path.endswith((".jsonl", ".json")):
+      raise ValueError(f"data source {path!r}: preference data must be JSONL (.jsonl / .json) "
+                       "lines with `chosen` and `rejected`")
+    docs.extend(_read_jsonl(path, check))
+  if not docs:
+    raise ValueError(f"data source {source!r}: no usable line (each was reported above)")
   return docs
 
 
@@ -171,6 +210,66 @@ def sft_example(doc: dict[str, Any], tokenizer, seq_len: int) -> dict[str, np.nd
           "prompt_len": np.asarray(len(prompt_ids), np.int32)}
 
 
+def _answer(value: Any, name: str) -> tuple[str, list[dict[str, Any]]]:
+  """(answer text, the messages before it): a string, or messages ending with the answer."""
+  if isinstance(value, str):
+    text, before = value, []
+  elif (isinstance(value, list) and value and isinstance(value[-1], dict)
+        and value[-1].get("role") == "assistant"):
+    text, before = value[-1].get("content"), list(value[:-1])
+  else:
+    raise ValueError(f"`{name}` must be a string or a list of messages ending with an "
+                     "assistant message")
+  if not isinstance(text, str) or not text.strip():
+    raise ValueError(f"`{name}` is an empty answer")
+  return text, before
+
+
+def preference_fields(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], str, str]:
+  """(prompt messages, chosen answer, rejected answer) of a preference document.
+
+  Formats (TRL's): `prompt` (a string or messages) or `messages` (the prompt's
+  turns), with `chosen` and `rejected` answers (strings or messages ending with
+  the assistant's answer); or no prompt field and `chosen`/`rejected` whole
+  conversations sharing their turns before the answer. ValueError names what
+  is wrong (a missing field, chosen == rejected, ...).
+  """
+  missing = [k for k in ("chosen", "rejected") if k not in doc]
+  if missing:
+    raise ValueError(f"preference example has no {' and no '.join(map(repr, missing))} "
+                     f"(keys: {sorted(doc)})")
+  chosen, chosen_before = _answer(doc["chosen"], "chosen")
+  rejected, rejected_before = _answer(doc["rejected"], "rejected")
+  if chosen.strip() == rejected.strip():
+    raise ValueError("`chosen` and `rejected` are the same answer")
+  if chosen_before != rejected_before:
+    raise ValueError("`chosen` and `rejected` have different turns before the answer")
+  prompt = doc.get("prompt", doc.get("messages", []))
+  if isinstance(prompt, str):
+    prompt = [{"role": "user", "content": prompt}]
+  prompt = list(prompt) + chosen_before  # (implicit prompt: the conversations' shared turns)
+  if not prompt:
+    raise ValueError("preference example needs `prompt` or `messages`, or `chosen` and "
+                     "`rejected` conversations with the turns before the answer")
+  if not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+    raise ValueError("the prompt must be a string or a list of {role, content} messages")
+  return prompt, chosen, rejected
+
+
+def preference_example(doc: dict[str, Any], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+  """The chosen (`input_ids`) and rejected (`rejected_ids`) SFT rows of one prompt,
+  and the prompt length (`sft_example` for each answer)."""
+  prompt, chosen, rejected = preference_fields(doc)
+  rows = [sft_example({"messages": prompt + [{"role": "assistant", "content": answer}]},
+                      tokenizer, seq_len) for answer in (chosen, rejected)]
+  return {"input_ids": rows[0]["input_ids"], "rejected_ids": rows[1]["input_ids"],
+          "prompt_len": rows[0]["prompt_len"]}
+
+
+# One example per row: kind -> (document, tokenizer, seq_len) -> the row's arrays.
+ROW_BUILDERS = {"sft": sft_example, "vrpo": preference_example}
+
+
 # ---- pipelines ------------------------------------------------------------------
 
 def _pack(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:
@@ -182,7 +281,8 @@ def train_dataset(docs: grain.MapDataset, tokenizer, *, kind: str, seq_len: int,
                   batch_size: int, seed: int, eos_id: int,
                   process_index: int = 0, process_count: int = 1,
                   prefetch: int = 0) -> grain.IterDataset:
-  """Endless shuffled batches ({"input_ids": [b, L]} (+ "prompt_len": [b])) of one host.
+  """Endless shuffled batches ({"input_ids": [b, L]} (+ "prompt_len": [b], + "rejected_ids":
+  [b, L] for preferences)) of one host.
 
   `batch_size` is this host's share of the global batch. `prefetch` > 0: a
   background thread keeps that many batches ready (tokenising and packing while
@@ -194,10 +294,10 @@ def train_dataset(docs: grain.MapDataset, tokenizer, *, kind: str, seq_len: int,
   if kind == "pretrain":
     rows = _pack(ds.map(lambda d: {"input_ids": pretrain_ids(d, tokenizer, eos_id)})
                  .to_iter_dataset(), seq_len)
-  elif kind == "sft":
-    rows = ds.map(lambda d: sft_example(d, tokenizer, seq_len)).to_iter_dataset()
+  elif kind in ROW_BUILDERS:
+    rows = ds.map(lambda d: ROW_BUILDERS[kind](d, tokenizer, seq_len)).to_iter_dataset()
   else:
-    raise ValueError(f"data kind {kind!r} is not 'pretrain' or 'sft'")
+    raise ValueError(f"data kind {kind!r} is not 'pretrain' or one of {sorted(ROW_BUILDERS)}")
   batches = rows.batch(batch_size, drop_remainder=True)
   if prefetch:
     batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
@@ -211,7 +311,7 @@ def eval_batches(docs: grain.MapDataset, tokenizer, *, kind: str, seq_len: int,
     ds = _pack(docs.map(lambda d: {"input_ids": pretrain_ids(d, tokenizer, eos_id)})
                .to_iter_dataset(), seq_len)
   else:
-    ds = docs.map(lambda d: sft_example(d, tokenizer, seq_len)).to_iter_dataset()
+    ds = docs.map(lambda d: ROW_BUILDERS[kind](d, tokenizer, seq_len)).to_iter_dataset()
   batches = []
   for batch in ds.batch(batch_size, drop_remainder=True):
     batches.append(batch)

@@ -24,7 +24,8 @@ The block-diffusion objectives are in `block_objectives.py`.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,11 +100,16 @@ def sft_noise(rng: jax.Array, ids_BL: jax.Array, prompt_len_B: jax.Array, mask_i
   B, L = ids_BL.shape
   noisy_BL, masked_BL, p_mask_BL = mask_tokens(rng, ids_BL, mask_id, eps, t_B)
   prompt_BL = jnp.arange(L)[None, :] < prompt_len_B[:, None]
-  answer_len_B = jnp.maximum(L - prompt_len_B, 1).astype(jnp.float32)
+  answer_len_B = answer_lengths(prompt_len_B, L)
   weight_BL = jnp.broadcast_to((1.0 / (B * answer_len_B))[:, None], (B, L))
   return Noise(jnp.where(prompt_BL, ids_BL, noisy_BL).astype(jnp.int32),
                masked_BL & ~prompt_BL, p_mask_BL, weight_BL.astype(jnp.float32),
                jnp.ones((B, L), jnp.int32))
+
+
+def answer_lengths(prompt_len_B: jax.Array, L: int) -> jax.Array:
+  """float32 [B]: the answer's length in a row of L, its EOS padding included (at least 1)."""
+  return jnp.maximum(L - prompt_len_B, 1).astype(jnp.float32)
 
 
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
@@ -142,6 +148,33 @@ def chunked_masked_loss(x_BLD: jax.Array, head_DV: jax.Array, targets_BL: jax.Ar
   """`masked_loss` of logits = x @ head · logit_scale, never forming [B, L, V]."""
   ce_BL = chunked_cross_entropy(x_BLD, head_DV, targets_BL, chunk, logit_scale)
   return weighted_loss(ce_BL, noise)
+
+
+def model_cross_entropy(model: Any, targets_BL: jax.Array, noisy_BL: jax.Array,
+                        vocab_chunk: int = 0, attention_mask_BL: jax.Array | None = None
+                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """float32 CE [B, L] of `model`'s predictions of `targets_BL` from `noisy_BL`, and the
+  model's auxiliary losses ({} for dense models; MoE: router losses, unweighted).
+
+  vocab_chunk > 0 (and < V): from the final hidden states over chunks of that many
+  vocabulary columns, never forming the [B, L, V] logits; 0: from the full float32
+  logits. Equal to float tolerance.
+  """
+  cfg = model.config
+  chunked = 0 < vocab_chunk < cfg.embedding_size
+  out, aux = model.forward_with_aux(noisy_BL, attention_mask_BL, head=not chunked)
+  if not chunked:
+    return cross_entropy(out, targets_BL), aux
+  scale = 1.0 / math.sqrt(cfg.d_model) if cfg.scale_logits else 1.0
+  return chunked_cross_entropy(out, model.head_DV().astype(out.dtype), targets_BL, vocab_chunk,
+                               scale), aux
+
+
+def router_penalty(cfg: Any, aux: dict[str, jax.Array]) -> jax.Array:
+  """The weighted sum of a model's auxiliary losses, added to its training loss."""
+  coefs = {"load_balancing_loss": cfg.router_aux_loss_coef,
+           "router_z_loss": cfg.router_z_loss_coef}
+  return sum((coefs[k] * v for k, v in aux.items()), jnp.float32(0.0))
 
 
 # ---- vocabulary-chunked cross-entropy ----------------------------------------

@@ -56,6 +56,7 @@ from llada_jax.training import lock
 from llada_jax.training import optimizer as optimizer_lib
 from llada_jax.training import resume
 from llada_jax.training import validate
+from llada_jax.training import vrpo
 from llada_jax.training import workdir as workdir_lib
 
 def log(msg: str) -> None:
@@ -96,9 +97,7 @@ def model_loss(model: nnx.Module, ids_BL: jax.Array, noise: objectives.Noise,
     scale = 1.0 / math.sqrt(cfg.d_model) if cfg.scale_logits else 1.0
     loss = objectives.chunked_masked_loss(out, model.head_DV().astype(out.dtype), ids_BL,
                                           noise, vocab_chunk, scale)
-  coefs = {"load_balancing_loss": cfg.router_aux_loss_coef,
-           "router_z_loss": cfg.router_z_loss_coef}
-  loss = loss + sum(coefs[k] * v for k, v in aux.items())
+  loss = loss + objectives.router_penalty(cfg, aux)
   if cap_weight:
     aux = {**aux, "cap_entropy": objectives.cap_entropy(out, ids_BL, noise)}
     loss = loss + cap_weight * aux["cap_entropy"]
@@ -119,7 +118,7 @@ class LossOptions:
 
 def loss_options(cfg, model_cfg: ModelConfig) -> LossOptions:
   block = None
-  if OBJECTIVES[cfg.kind].block:
+  if objective(cfg).block:
     block = block_objectives.BlockSettings(
         cfg.block_length, cfg.t_min, cfg.t_max, cfg.complementary_masking,
         cfg.embed_noise_std, cfg.embed_noise_steps)
@@ -127,54 +126,146 @@ def loss_options(cfg, model_cfg: ModelConfig) -> LossOptions:
                      cfg.get("cap_weight", 0.0), block)
 
 
-def _diffusion_inputs(rng, batch, step, o: LossOptions, train: bool = True):
-  """LLaDA's objective (SPEC §5); held out: the stratified ELBO noise."""
+def _diffusion_noise(rng, batch, step, o: LossOptions):
+  """LLaDA's forward process (SPEC §5): pre-training, or SFT when rows carry prompt_len."""
   del step
-  ids_BL, prompt_len = batch["input_ids"], batch.get("prompt_len")
-  if not train:
-    return objectives.Inputs(ids_BL, objectives.elbo_noise(rng, ids_BL, o.mask_id, prompt_len))
-  if prompt_len is None:
-    return objectives.Inputs(ids_BL, objectives.pretrain_noise(rng, ids_BL, o.mask_id))
-  return objectives.Inputs(ids_BL, objectives.sft_noise(rng, ids_BL, prompt_len, o.mask_id))
+  if "prompt_len" not in batch:
+    return objectives.pretrain_noise(rng, batch["input_ids"], o.mask_id)
+  return objectives.sft_noise(rng, batch["input_ids"], batch["prompt_len"], o.mask_id)
 
 
-def _block_inputs(rng, batch, step, o: LossOptions, train: bool = True):
-  """`block_objectives.block_inputs`; held out: t ~ U[0, 1], no complement or embedding noise."""
+def _block_noise(rng, batch, step, o: LossOptions, train: bool = True):
+  """`block_objectives.block_inputs` (an `objectives.Inputs`: its rows may be 2B with
+  complements); held out: t ~ U[0, 1], no complement or embedding noise."""
   s = o.block if train else block_objectives.BlockSettings(o.block.block_length)
   return block_objectives.block_inputs(rng, batch["input_ids"], o.mask_id, s, o.d_model, step,
                                        batch.get("prompt_len"))
 
 
-def _loss(model, inputs: objectives.Inputs, o: LossOptions, train: bool = True):
-  """`model_loss` of the inputs: block-diffusion when the options have block settings."""
-  return model_loss(model, inputs.targets_BL, inputs.noise, o.vocab_chunk,
-                    inputs.noise.attention_mask_BL, block_length=o.block.block_length if o.block
-                    else 0, embed_noise_BLD=inputs.embed_noise_BLD,
-                    cap_weight=o.cap_weight if train else 0.0)
+def _metrics(loss, aux, masked_BL, micro_batches: int):
+  """(loss, metrics) of one micro-batch; summed over micro-batches: the router losses
+  are per-micro-batch means, the CAP term is normalised by the whole batch like the loss."""
+  return loss, {"masked_tokens": jnp.sum(masked_BL),
+                **{k: v if k == "cap_entropy" else v / micro_batches for k, v in aux.items()}}
+
+
+def _diffusion_loss(model, batch, noise, reference, *, options: LossOptions, micro_batches: int,
+                    train: bool = True):
+  """Pre-training / SFT: one micro-batch's loss (normalised by the global batch through
+  the noise's weights) and its metrics."""
+  del reference
+  loss, aux = model_loss(model, batch["input_ids"], noise, options.vocab_chunk,
+                         noise.attention_mask_BL, cap_weight=options.cap_weight if train else 0.0)
+  return _metrics(loss, aux, noise.masked_BL, micro_batches)
+
+
+def _block_loss(model, batch, inputs: objectives.Inputs, reference, *, options: LossOptions,
+                micro_batches: int, train: bool = True):
+  """Block diffusion: the loss of the [x_t ; x_0] forward on `inputs` (its own rows)."""
+  del batch, reference
+  loss, aux = model_loss(model, inputs.targets_BL, inputs.noise, options.vocab_chunk,
+                         inputs.noise.attention_mask_BL, block_length=options.block.block_length,
+                         embed_noise_BLD=inputs.embed_noise_BLD,
+                         cap_weight=options.cap_weight if train else 0.0)
+  return _metrics(loss, aux, inputs.noise.masked_BL, micro_batches)
+
+
+def _diffusion_elbo(model, batch, rng, options: LossOptions):
+  """Held-out negative ELBO (nats per scored token): the stratified ELBO noise."""
+  noise = objectives.elbo_noise(rng, batch["input_ids"], options.mask_id, batch.get("prompt_len"))
+  return model_loss(model, batch["input_ids"], noise, options.vocab_chunk)[0]
+
+
+def _block_elbo(model, batch, rng, options: LossOptions):
+  """Held-out negative ELBO of the block-diffusion model (t ~ U[0, 1], one draw)."""
+  inputs = _block_noise(rng, batch, 0, options, train=False)
+  return _block_loss(model, batch, inputs, None, options=options, micro_batches=1,
+                     train=False)[0]
 
 
 class Objective(NamedTuple):
-  """What a `kind` trains. data: the rows it reads ("pretrain": packed documents,
-  "sft": + prompt_len); inputs(rng, batch, step, options, train) -> an
-  `objectives.Inputs` (split into micro-batches); loss(model, inputs, options,
-  train) -> (loss, {aux metric: value}); block: reads the block settings."""
+  """What a training kind (`config.kind`) puts into the one train step.
+
+  data: the rows the data pipeline builds (`data.ROW_BUILDERS`: "pretrain" packed
+    documents, "sft" + prompt_len, "vrpo" preference pairs).
+  noise(rng, batch, step, options): the forward process's draw for the whole
+    global batch, a pytree with rows on axis 0 (so micro-batches see the noise
+    of one large batch).
+  loss(model, batch, noise, reference, *, options, micro_batches) ->
+    (loss, metrics) of one micro-batch, both normalised by the global batch
+    (micro-batches sum to the batch's values).
+  elbo(model, batch, rng, options): held-out negative ELBO, nats per scored token.
+  vectors: batch keys of [B] arrays; `rows` keys are [B, L] token rows.
+  reference: whether the step takes a frozen reference model's params.
+  evaluate(model, reference, batch, rng, *, options): held-out metrics
+    {name: mean over the batch}, besides the ELBO; or None.
+  check_doc: validates a JSONL training line (refused lines are reported and
+    skipped), or None.
+  forward_rows: model forward-and-backward passes per batch row, for FLOPs.
+  block: a block-diffusion kind (reads the block settings); its model input is
+    [x_t ; x_0], `length_factor` = 2 times seq_len.
+  """
   data: str
-  inputs: Callable
-  loss: Callable
+  noise: Callable[..., Any] = _diffusion_noise
+  loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]] = _diffusion_loss
+  elbo: Callable[..., jax.Array] = _diffusion_elbo
+  rows: tuple[str, ...] = ("input_ids",)
+  vectors: tuple[str, ...] = ()
+  reference: bool = False
+  evaluate: Callable[..., dict[str, jax.Array]] | None = None
+  check_doc: Callable[[dict], Any] | None = None
+  forward_rows: float = 1.0
   block: bool = False
+  length_factor: int = 1
 
 
-OBJECTIVES = {
-    "pretrain": Objective("pretrain", _diffusion_inputs, _loss),
-    "sft": Objective("sft", _diffusion_inputs, _loss),
-    "block_pretrain": Objective("pretrain", _block_inputs, _loss, block=True),
-    "block_sft": Objective("sft", _block_inputs, _loss, block=True),
+def _block_objective(cfg, data: str) -> Objective:
+  # [x_t ; x_0]: 2L positions (and 2B rows with complements).
+  return Objective(data, noise=_block_noise, loss=_block_loss, elbo=_block_elbo,
+                   vectors=("prompt_len",) if data == "sft" else (),
+                   forward_rows=2 if cfg.get("complementary_masking") else 1, block=True,
+                   length_factor=2)
+
+
+def _vrpo_objective(cfg) -> Objective:
+  s = vrpo.Settings.from_config(cfg.vrpo)
+
+  def noise(rng, batch, step, o: LossOptions):
+    del step
+    return vrpo.draw(rng, batch, o.mask_id, s)
+
+  def loss(model, batch, noise_, reference, *, options: LossOptions, micro_batches: int):
+    return vrpo.loss(model, batch, noise_, reference, s=s, vocab_chunk=options.vocab_chunk,
+                     micro_batches=micro_batches)
+
+  def evaluate_(model, reference, batch, rng, *, options: LossOptions):
+    return vrpo.evaluate(model, reference, batch, rng, s=s, vocab_chunk=options.vocab_chunk)
+
+  # 2 answers x n samples through the policy (forward and backward, 3 units) and
+  # the reference (forward only, 1 unit).
+  return Objective("vrpo", noise=noise, loss=loss, rows=("input_ids", "rejected_ids"),
+                   vectors=("prompt_len",), reference=True, evaluate=evaluate_,
+                   check_doc=data_lib.preference_fields,
+                   forward_rows=2 * s.n_samples * (1 + 1 / 3))
+
+
+# config.kind -> its Objective (validate.KINDS lists the same kinds).
+OBJECTIVES: dict[str, Callable[[Any], Objective]] = {
+    "pretrain": lambda cfg: Objective("pretrain"),
+    "sft": lambda cfg: Objective("sft", vectors=("prompt_len",)),
+    "block_pretrain": lambda cfg: _block_objective(cfg, "pretrain"),
+    "block_sft": lambda cfg: _block_objective(cfg, "sft"),
+    "vrpo": _vrpo_objective,
 }
 
 
-def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-               model_cfg: ModelConfig, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, kind: str, micro_batches: int, seed: int,
+def objective(cfg) -> Objective:
+  return OBJECTIVES[cfg.kind](cfg)
+
+
+def train_step(state: dict[str, Any], batch: dict[str, jax.Array], reference: Any = None, *,
+               graphdef: nnx.GraphDef, model_cfg: ModelConfig, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, obj: Objective, micro_batches: int, seed: int,
                options: LossOptions | None = None
                ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One optimiser step on a global batch.
@@ -182,26 +273,24 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: 
   state: {"params": float32 param pytree, "opt_state", "step": int32 [],
     "lr_scale": float32 [] (the rollbacks' factor on the schedule; traced, so
     changing it reuses the compiled step)}.
-  batch: {"input_ids": int32 [B, L]} (+ "prompt_len": int32 [B] for SFT).
-  `kind` picks the objective (OBJECTIVES); `options` default to the model's.
+  batch: {"input_ids": int32 [B, L]} (+ the kind's other keys: `Objective`).
+  reference: the frozen reference model's param pytree (kinds that use one;
+    an argument, never differentiated), else None.
+  `obj` is the kind's objective (`objective(cfg)`); `options` default to the model's.
   A non-finite loss or gradient leaves params and optimiser state untouched
   (metrics["finite"] = 0); the step counter advances either way.
   """
-  objective = OBJECTIVES[kind]
   options = options or LossOptions(model_cfg.mask_token_id, model_cfg.d_model)
   rng = jax.random.fold_in(jax.random.key(seed), state["step"])
-  inputs = objective.inputs(rng, batch, state["step"], options)
+  noise = obj.noise(rng, batch, state["step"], options)
 
   def loss_fn(params, mb):
-    loss, aux = objective.loss(nnx.merge(graphdef, params), mb, options)
-    # Summed over micro-batches: the router losses are per-micro-batch means, the
-    # CAP term is normalised by the whole batch like the loss.
-    return loss, {"masked_tokens": jnp.sum(mb.noise.masked_BL),
-                  **{k: v if k == "cap_entropy" else v / micro_batches for k, v in aux.items()}}
+    ref_model = None if reference is None else nnx.merge(graphdef, reference)
+    return obj.loss(nnx.merge(graphdef, params), *mb, ref_model, options=options,
+                    micro_batches=micro_batches)
 
   loss, grads, aux = optimizer_lib.accumulate_gradients(
-      loss_fn, state["params"], inputs, micro_batches)
-  masked = aux.pop("masked_tokens")
+      loss_fn, state["params"], (batch, noise), micro_batches)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -213,19 +302,27 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, graphdef: 
                "opt_state": keep(opt_state, state["opt_state"]),
                "step": state["step"] + 1, "lr_scale": state["lr_scale"]}
   metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.int32),
-             "lr": schedule(state["step"]) * state["lr_scale"], "masked_tokens": masked, **aux}
+             "lr": schedule(state["step"]) * state["lr_scale"], **aux}
   return new_state, metrics
 
 
 def eval_step(params: dict[str, Any], batch: dict[str, jax.Array], rng: jax.Array, *,
-              graphdef: nnx.GraphDef, model_cfg: ModelConfig, kind: str = "pretrain",
-              options: LossOptions | None = None) -> jax.Array:
-  """Negative ELBO (nats per scored token) of a held-out batch under `kind`'s
-  objective (block kinds: the block-diffusion one), one noise draw."""
-  objective = OBJECTIVES[kind]
+              graphdef: nnx.GraphDef, model_cfg: ModelConfig, obj: Objective,
+              options: LossOptions | None = None) -> dict[str, jax.Array]:
+  """{"elbo_bits_per_token": negative ELBO per scored token} of a held-out batch under
+  the kind's objective (block kinds: the block-diffusion one), one noise draw (SFT-like
+  rows: of the answers)."""
   options = options or LossOptions(model_cfg.mask_token_id, model_cfg.d_model)
-  inputs = objective.inputs(rng, batch, 0, options, train=False)
-  return objective.loss(nnx.merge(graphdef, params), inputs, options, train=False)[0]
+  nats = obj.elbo(nnx.merge(graphdef, params), batch, rng, options)
+  return {"elbo_bits_per_token": nats / math.log(2)}
+
+
+def objective_eval_step(params: dict[str, Any], reference: Any, batch: dict[str, jax.Array],
+                        rng: jax.Array, *, graphdef: nnx.GraphDef, obj: Objective,
+                        options: LossOptions) -> dict[str, jax.Array]:
+  """The kind's own held-out metrics of a batch (`Objective.evaluate`), one noise draw."""
+  ref_model = None if reference is None else nnx.merge(graphdef, reference)
+  return obj.evaluate(nnx.merge(graphdef, params), ref_model, batch, rng, options=options)
 
 
 # ---- sharded state ----------------------------------------------------------------
@@ -243,13 +340,12 @@ def batch_sharding(mesh: Mesh, rules=sharding.DEFAULT_RULES) -> NamedSharding:
   return NamedSharding(mesh, sharding.logical_to_spec(("batch", None), rules, mesh))
 
 
-def batch_shardings(mesh: Mesh, kind: str, rules=sharding.DEFAULT_RULES) -> dict[str, Any]:
-  """Shardings of a batch dict: input_ids [B, L] (+ prompt_len [B] for SFT)."""
+def batch_shardings(mesh: Mesh, obj: Objective, rules=sharding.DEFAULT_RULES
+                    ) -> dict[str, Any]:
+  """Shardings of a batch dict: its [B, L] token rows and [B] vectors, by rows."""
   rows = batch_sharding(mesh, rules)
-  out = {"input_ids": rows}
-  if OBJECTIVES[kind].data == "sft":
-    out["prompt_len"] = NamedSharding(mesh, P(rows.spec[0]))
-  return out
+  return {**{k: rows for k in obj.rows},
+          **{k: NamedSharding(mesh, P(rows.spec[0])) for k in obj.vectors}}
 
 
 def state_shardings(graphdef_state: nnx.State, tx: optax.GradientTransformation, mesh: Mesh,
@@ -282,13 +378,15 @@ def compile_train_step(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, m
   graphdef, abstract_params = nnx.split(models.abstract(model_cfg))
   tx, schedule = optimizer_lib.from_config(cfg)
   abstract, shardings = state_shardings(abstract_params, tx, mesh, rules)
+  obj = objective(cfg)
   step_fn = functools.partial(train_step, graphdef=graphdef, model_cfg=model_cfg, tx=tx,
-                              schedule=schedule, kind=cfg.kind,
+                              schedule=schedule, obj=obj,
                               micro_batches=cfg.micro_batches, seed=cfg.seed,
                               options=loss_options(cfg, model_cfg))
-  batch_sh = batch_shardings(mesh, cfg.kind, rules)
-  jitted = jax.jit(sharding.under_mesh(step_fn, mesh, rules),
-                   in_shardings=(shardings, batch_sh),
+  in_shardings = (shardings, batch_shardings(mesh, obj, rules))
+  if obj.reference:  # step(state, batch, reference params), sharded like the policy's
+    in_shardings += (shardings["params"],)
+  jitted = jax.jit(sharding.under_mesh(step_fn, mesh, rules), in_shardings=in_shardings,
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
   return jitted, abstract, tx, graphdef
 
@@ -315,8 +413,10 @@ def counters(abstract: dict[str, Any], state: dict[str, Any], step: int, lr_scal
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """The global batch from this host's slice (rows split over the data axes)."""
-  shardings = batch_shardings(mesh, "sft" if "prompt_len" in local else "pretrain")
-  return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
+  rows = batch_sharding(mesh)
+  shardings = {2: rows, 1: NamedSharding(mesh, P(rows.spec[0]))}
+  return {k: jax.make_array_from_process_local_data(shardings[np.ndim(v)], v)
+          for k, v in local.items()}
 
 
 # ---- set-up: tokenizer, model config, data -------------------------------------
@@ -337,7 +437,7 @@ def resolve_tokenizer(cfg, workdir: str, train_docs) -> tuple[Any, str]:
     raise FileNotFoundError(f"config.tokenizer.path: no tokenizer.model / tokenizer.json in "
                             f"{cfg.tokenizer.path!r}")
   if not cfg.tokenizer.train_vocab_size:
-    if OBJECTIVES[cfg.kind].data == "pretrain" and len(train_docs) and "ids" in train_docs[0]:
+    if objective(cfg).data == "pretrain" and len(train_docs) and "ids" in train_docs[0]:
       return None, None  # pre-tokenized documents
     raise ValueError("config.tokenizer: set `path`, or `train_vocab_size` to train one")
   if jax.process_index() == 0:
@@ -372,8 +472,7 @@ def model_config(cfg, tokenizer) -> ModelConfig:
   """The model's config (init_from's architecture if given), checked against the tokenizer."""
   model = dict(cfg.model)
   if cfg.init_from:
-    numerics = {k: model[k] for k in ("dtype", "attention", "remat_policy", "scan_layers")}
-    model_cfg = config_from_model_dir(cfg.init_from, param_dtype="float32", **numerics)
+    model_cfg = config_from_model_dir(cfg.init_from, param_dtype="float32", **_numerics(cfg))
   else:
     model_cfg = ModelConfig.from_dict({**model, "param_dtype": "float32"})
   if tokenizer is None:
@@ -395,12 +494,40 @@ def load_documents(cfg):
   """(training documents, held-out documents) as grain MapDatasets."""
   d = cfg.data
   data_dir = d.data_dir or None
-  docs = data_lib.documents(d.source, tfds_split=d.tfds_split, data_dir=data_dir, field=d.field)
+  check = objective(cfg).check_doc
+  docs = data_lib.documents(d.source, tfds_split=d.tfds_split, data_dir=data_dir, field=d.field,
+                            check=check)
   if d.eval_source or d.source.startswith("tfds:"):
     eval_docs = data_lib.documents(d.eval_source or d.source, tfds_split=d.tfds_eval_split,
-                                   data_dir=data_dir, field=d.field)
+                                   data_dir=data_dir, field=d.field, check=check)
     return grain.MapDataset.source(docs), grain.MapDataset.source(eval_docs)
   return data_lib.split_heldout(docs, d.eval_fraction, cfg.seed)
+
+
+def reference_dir(cfg) -> str:
+  """The frozen reference model's directory: `reference_from`, else `init_from`."""
+  return cfg.get("reference_from") or cfg.init_from
+
+
+def _numerics(cfg) -> dict[str, Any]:
+  """The run's compute settings, applied to every model it loads."""
+  return {k: cfg.model[k] for k in ("dtype", "attention", "remat_policy", "scan_layers")}
+
+
+def check_reference(cfg, model_cfg: ModelConfig) -> None:
+  """Refuses a reference model whose architecture or ids differ from the policy's."""
+  directory = reference_dir(cfg)
+  ref_cfg = config_from_model_dir(directory, param_dtype="float32", **_numerics(cfg))
+  validate.check_reference(directory, model_cfg.to_hf(), ref_cfg.to_hf())
+
+
+def load_reference(cfg, model_cfg: ModelConfig, mesh: Mesh, param_shardings: Any) -> Any:
+  """The reference model's float32 params, sharded like the policy's (its own copy: the
+  policy's buffers are donated to each step)."""
+  loaded = loading.load(reference_dir(cfg), dtype=model_cfg.dtype, param_dtype="float32",
+                        mesh=mesh)
+  params = nnx.to_pure_dict(nnx.split(loaded)[1])
+  return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)(params)
 
 
 def _sync(name: str) -> None:
@@ -493,9 +620,10 @@ class _StepEnd:
     line = {"loss": last["loss"], "lr": last["lr"], "grad_norm": last["grad_norm"],
             "tokens_per_s": tok_s, "tflops_per_device": tflops,
             "mfu": tflops * 1e12 / self.peak, "skipped_steps": self.meta["skipped_steps"]}
+    # MoE models: the router losses; CAP's term; VRPO: its metrics (all apart from the loss).
     router = {k: last[k] for k in ("load_balancing_loss", "router_z_loss", "cap_entropy")
-              if k in last}
-    line.update(router)  # MoE models' router losses and the CAP term, apart from the loss
+              + vrpo.METRICS if k in last}
+    line.update(router)
     log(f"step {step}/{self.cfg.total_steps} loss {line['loss']:.4f} lr {line['lr']:.3g} "
         f"grad_norm {line['grad_norm']:.3f} tokens/s {tok_s:,.0f} "
         f"TFLOP/s/device {tflops:.4g} MFU {100 * line['mfu']:.2f}% "
@@ -526,15 +654,18 @@ def _roll_back(cfg, mngr, abstract: dict[str, Any], iterator, meta: dict[str, An
   return counters(abstract, restored, back, meta["lr_scale"]), back
 
 
-def evaluate(eval_fn: Callable, params, batches, mesh: Mesh, samples: int, seed: int) -> float:
-  """Held-out negative ELBO in bits per scored token (mean over batches and draws)."""
-  total = 0.0
+def evaluate(eval_fn: Callable, args: tuple, batches, mesh: Mesh, samples: int, seed: int
+             ) -> dict[str, float]:
+  """Means over held-out batches and noise draws of `eval_fn(*args, batch, rng)`, a
+  dict of scalars; the draws are the same at every evaluation."""
+  total = None
   for i, batch in enumerate(batches):
     gb = global_batch(_host_rows(batch), mesh)
     for j in range(samples):
       rng = jax.random.fold_in(jax.random.key(seed + 1), i * samples + j)
-      total = total + eval_fn(params, gb, rng)  # summed on device, read once
-  return float(total) / (len(batches) * samples) / math.log(2)
+      out = eval_fn(*args, gb, rng)
+      total = out if total is None else jax.tree.map(jnp.add, total, out)  # read once
+  return {k: float(v) / (len(batches) * samples) for k, v in total.items()}
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
@@ -562,14 +693,17 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   train_docs, eval_docs = load_documents(cfg)
   tokenizer, tokenizer_dir = resolve_tokenizer(cfg, workdir, train_docs)
   model_cfg = model_config(cfg, tokenizer)
+  obj = objective(cfg)
+  if obj.reference:
+    check_reference(cfg, model_cfg)
   validate.check_resume(workdir, model_cfg.to_hf(), json.loads(cfg.to_json_best_effort()))
   pc, pi = jax.process_count(), jax.process_index()
   dataset = data_lib.train_dataset(
-      train_docs, tokenizer, kind=OBJECTIVES[cfg.kind].data, seq_len=cfg.seq_len,
+      train_docs, tokenizer, kind=objective(cfg).data, seq_len=cfg.seq_len,
       batch_size=cfg.batch_size // pc, seed=cfg.seed, eos_id=model_cfg.eos_token_id,
       process_index=pi, process_count=pc, prefetch=cfg.data.prefetch)
   iterator = iter(dataset)
-  evals = data_lib.eval_batches(eval_docs, tokenizer, kind=OBJECTIVES[cfg.kind].data,
+  evals = data_lib.eval_batches(eval_docs, tokenizer, kind=objective(cfg).data,
                                 seq_len=cfg.seq_len, batch_size=cfg.eval_batch_size,
                                 num_batches=cfg.eval_batches, eos_id=model_cfg.eos_token_id)
   unigram_bits = data_lib.unigram_entropy_bits(evals)
@@ -595,9 +729,24 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:  # only now: a refused or failed restore leaves them as they were
     workdir_lib.write_model_files(workdir, model_cfg, tokenizer_dir, cfg.to_json_best_effort(
         indent=2))
-  eval_fn = jax.jit(sharding.under_mesh(functools.partial(
-      eval_step, graphdef=graphdef, model_cfg=model_cfg, kind=cfg.kind,
-      options=loss_options(cfg, model_cfg)), mesh))
+  reference = None
+  if obj.reference:
+    reference = load_reference(cfg, model_cfg, mesh, jax.tree.map(lambda a: a.sharding,
+                                                                  abstract["params"]))
+    log(f"reference model (frozen): {reference_dir(cfg)}")
+  step_args = (reference,) if obj.reference else ()
+  options = loss_options(cfg, model_cfg)
+  elbo_fn = jax.jit(sharding.under_mesh(functools.partial(
+      eval_step, graphdef=graphdef, model_cfg=model_cfg, obj=obj, options=options), mesh))
+  obj_eval_fn = obj.evaluate and jax.jit(sharding.under_mesh(functools.partial(
+      objective_eval_step, graphdef=graphdef, obj=obj, options=options), mesh))
+
+  def held_out(params) -> dict[str, float]:
+    out = evaluate(elbo_fn, (params,), evals, mesh, cfg.eval_samples, cfg.seed)
+    if obj_eval_fn:
+      out.update(evaluate(obj_eval_fn, (params, reference), evals, mesh, cfg.eval_samples,
+                          cfg.seed))
+    return {f"eval_{k}": v for k, v in out.items()}
 
   n_devices = jax.device_count()
   peak, peak_source = ((cfg.peak_flops, "config") if cfg.peak_flops
@@ -610,10 +759,9 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   metrics_file = paths.AppendFile(os.path.join(workdir, "metrics.jsonl")) if pi == 0 else None
   preemption = _Preemption()
   step = int(latest or 0)
-  tokens, length = cfg.batch_size * cfg.seq_len, cfg.seq_len
-  if OBJECTIVES[cfg.kind].block:  # [x_t ; x_0]: 2L positions (and 2B rows with complements)
-    tokens, length = tokens * (4 if cfg.complementary_masking else 2), 2 * cfg.seq_len
-  flops_per_step = tokens * flops_lib.flops_per_token(model_cfg, length) / n_devices
+  flops_per_step = (cfg.batch_size * cfg.seq_len * obj.length_factor * obj.forward_rows
+                    * flops_lib.flops_per_token(model_cfg, obj.length_factor * cfg.seq_len)
+                    / n_devices)
   step_end = _StepEnd(cfg, meta, _progress(cfg.total_steps, step), metrics_file, writer,
                     flops_per_step, peak, on_step)
   # The host runs one step ahead: step n+1 is dispatched (and its batch made)
@@ -622,7 +770,7 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   pending = None  # (step, metrics) dispatched but not yet ended on the host
   batch = global_batch(next(iterator), mesh) if step < cfg.total_steps else None
   while step < cfg.total_steps:
-    state, metrics = step_fn(state, batch)
+    state, metrics = step_fn(state, batch, *step_args)
     step += 1
     preempted = preemption.requested or (pc > 1 and mngr.reached_preemption(step))
     eval_now = bool(cfg.eval_every) and step % cfg.eval_every == 0 and step < cfg.total_steps
@@ -647,10 +795,7 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     if save_now:
       workdir_lib.save(mngr, step, state, iterator, meta)
     if eval_now:
-      bits = evaluate(eval_fn, state["params"], evals, mesh, cfg.eval_samples, cfg.seed)
-      log(f"step {step}: held-out ELBO {bits:.4f} bits/token "
-          f"(unigram entropy {unigram_bits:.4f})")
-      _scalars(writer, step, {"eval_elbo_bits_per_token": bits})
+      _log_eval(writer, step, held_out(state["params"]), unigram_bits)
       step_end.restart()
     if preempted:
       workdir_lib.save(mngr, step, state, iterator, meta, force=True)
@@ -665,18 +810,19 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   if mngr.latest_step() != step:
     workdir_lib.save(mngr, step, state, iterator, meta, force=True)
   step_end.progress.close()
-  bits = evaluate(eval_fn, state["params"], evals, mesh, cfg.eval_samples, cfg.seed)
-  _scalars(writer, step, {"eval_elbo_bits_per_token": bits})
+  held = held_out(state["params"])
+  _scalars(writer, step, held)
   write_samples(cfg, graphdef, state["params"], evals, tokenizer, mesh)
   mngr.wait_until_finished()
   mngr.close()
-  result = {"step": step, "loss": last["loss"], "eval_elbo_bits_per_token": bits,
+  bits = held["eval_elbo_bits_per_token"]
+  result = {"step": step, "loss": last["loss"], **held,
             "unigram_entropy_bits_per_token": unigram_bits,
             "skipped_steps": meta["skipped_steps"], "rollbacks": meta["rollbacks"],
             "seconds": time.time() - t_start}
   log(f"done: step {step}, loss {last['loss']:.4f}, held-out ELBO {bits:.4f} bits/token, "
-      f"unigram entropy of the held-out text {unigram_bits:.4f} bits/token, "
-      f"{result['seconds']:.0f} s")
+      f"unigram entropy of the held-out text {unigram_bits:.4f} bits/token"
+      + _objective_line(held) + f", {result['seconds']:.0f} s")
   if metrics_file:
     metrics_file.close()
   if writer:
@@ -691,13 +837,25 @@ def write_samples(cfg, graphdef, params, evals, tokenizer, mesh) -> None:
     return
   model = nnx.merge(graphdef, params)
   prompt_ids = np.asarray(evals[0]["input_ids"][:s.num, :s.prompt_len])
-  block_length = cfg.block_length if OBJECTIVES[cfg.kind].block else s.gen_length
+  block_length = cfg.block_length if objective(cfg).block else s.gen_length
   out = generate(model, prompt_ids, steps=s.steps, gen_length=s.gen_length,
                  block_length=block_length)
   for prompt, row in zip(prompt_ids, np.asarray(out)):
     log(f"sample: {tokenizer.decode(prompt.tolist())!r} -> "
         f"{tokenizer.decode(row[len(prompt):].tolist())!r}")
   del mesh
+
+
+def _objective_line(held: dict[str, float]) -> str:
+  """The held-out metrics besides the ELBO, for a log line ("" if none)."""
+  return "".join(f", {k[5:]} {v:.4f}" for k, v in held.items()
+                 if k != "eval_elbo_bits_per_token")
+
+
+def _log_eval(writer, step: int, held: dict[str, float], unigram_bits: float) -> None:
+  log(f"step {step}: held-out ELBO {held['eval_elbo_bits_per_token']:.4f} bits/token "
+      f"(unigram entropy {unigram_bits:.4f})" + _objective_line(held))
+  _scalars(writer, step, held)
 
 
 def _summary_writer(workdir: str):

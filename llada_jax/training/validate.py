@@ -25,8 +25,8 @@ from llada_jax.checkpoints import layout
 # Keys of train_config.json a resumed run may not change: they define what the
 # checkpoint holds (the model is compared through config.json, key by key).
 FROZEN_KEYS = ("kind",)
-# Training objectives (`train.OBJECTIVES`): LLaDA's (SPEC §5) and block diffusion's.
-KINDS = ("pretrain", "sft", "block_pretrain", "block_sft")
+# Training objectives (`train.OBJECTIVES`): LLaDA's (SPEC §5), block diffusion's, VRPO's.
+KINDS = ("pretrain", "sft", "block_pretrain", "block_sft", "vrpo")
 WORKDIR_FILES = (layout.CONFIG_FILE, layout.TRAIN_CONFIG_FILE, layout.CHECKPOINTS_DIR,
                  "metrics.jsonl", "tensorboard", "tokenizer.model", "tokenizer.vocab",
                  "tokenizer_corpus.txt", "broken_checkpoints") + layout.TOKENIZER_FILES
@@ -146,6 +146,34 @@ def check_config(cfg, process_count: int = 1, device_count: int = 1) -> None:
   init_from = _get(cfg, "init_from")
   if init_from and not paths.isdir(init_from):
     _fail("init_from", init_from, "is not a directory")
+  if kind == "vrpo":
+    _check_vrpo(cfg)
+
+
+def _check_vrpo(cfg) -> None:
+  if not _get(cfg, "init_from"):
+    _fail("init_from", _get(cfg, "init_from"), "kind='vrpo' fine-tunes a model: set the "
+          "policy's starting model (also the reference, unless config.reference_from)")
+  reference = _get(cfg, "reference_from")
+  if reference and not paths.isdir(reference):
+    _fail("reference_from", reference, "is not a directory")
+  _int(cfg, "vrpo.n_samples", 1)
+  allocation = _get(cfg, "vrpo.allocation")
+  if allocation not in ("optimal", "naive"):
+    _fail("vrpo.allocation", allocation, "is not 'optimal' (n timesteps, one mask each) or "
+          "'naive' (one timestep, n masks)")
+  _real(cfg, "vrpo.beta", 0, lo_open=True)
+
+
+def check_reference(reference_dir: str, policy_hf: dict[str, Any],
+                    reference_hf: dict[str, Any]) -> None:
+  """Refuses a reference model whose config.json differs from the policy's, naming
+  every differing key."""
+  diff = _differing(_flatten(policy_hf), _flatten(reference_hf))
+  if diff:
+    raise ValueError(f"config.reference_from={reference_dir!r}: its model differs from the "
+                     f"policy's (policy -> reference) in {'; '.join(diff)[:400]}; the reference "
+                     f"must be the policy's architecture with the same special ids")
 
 
 def _check_objective(cfg, kind: str) -> None:
