@@ -62,7 +62,7 @@ def test_block_sft_loss_equals_numpy_on_fixed_masks(model):
   prompt_len = np.array([3, 6])
   s = block_objectives.BlockSettings(bl)
   o = train.LossOptions(model.config.mask_token_id, model.config.d_model, block=s)
-  inputs = train._block_inputs(jax.random.key(1), {"input_ids": jnp.asarray(ids),
+  inputs = train._block_noise(jax.random.key(1), {"input_ids": jnp.asarray(ids),
                                                    "prompt_len": jnp.asarray(prompt_len)}, 0, o)
   noisy, masked = np.asarray(inputs.noise.noisy_BL), np.asarray(inputs.noise.masked_BL)
   p = np.asarray(inputs.noise.p_mask_BL)
@@ -83,10 +83,10 @@ def test_block_sft_loss_equals_numpy_on_fixed_masks(model):
     for r in range(B):
       m = masked[r, lo:hi]
       want += (ce[r][m] / p[r, lo:hi][m]).sum() / (B * (L - prompt_len[r]))
-  got, aux = jax.jit(lambda st: train._loss(nnx.merge(graphdef, st), inputs, o))(state)
-  cfg = model.config  # MoE: the router losses the trainer adds
-  router = sum({"load_balancing_loss": cfg.router_aux_loss_coef,
-                "router_z_loss": cfg.router_z_loss_coef}[k] * v for k, v in aux.items())
+  got, aux = jax.jit(lambda st: train._block_loss(nnx.merge(graphdef, st), None, inputs, None,
+                                                  options=o, micro_batches=1))(state)
+  aux.pop("masked_tokens")
+  router = objectives.router_penalty(model.config, aux)  # MoE: the router losses the trainer adds
   np.testing.assert_allclose(float(got - router), want, rtol=2e-5)
 
 
