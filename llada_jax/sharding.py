@@ -181,6 +181,8 @@ def under_mesh(fn, mesh: Mesh, rules: Rules = DEFAULT_RULES):
   def wrapped(*args, **kwargs):
     with activation_mesh(mesh, rules):
       return fn(*args, **kwargs)
+  base = fn.func if isinstance(fn, functools.partial) else fn  # jit's name: jit(train_step)
+  wrapped.__name__ = wrapped.__qualname__ = getattr(base, "__name__", "wrapped")
   return wrapped
 
 
