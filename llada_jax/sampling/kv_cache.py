@@ -58,7 +58,7 @@ def block_logits(model, ids_BL: jax.Array, attn_BL: jax.Array | None, cache: KVC
 
   Every policy runs the layers on its window, then the output head on the
   block's positions only. mode "none": a full forward. "prefix" / "dual": a full
-  forward storing the cache when `refresh` (traced bool, or True), else the
+  forward storing the cache when `refresh` (a traced or Python bool), else the
   window against `cache`.
   """
   L = ids_BL.shape[1]
@@ -94,6 +94,6 @@ def block_logits(model, ids_BL: jax.Array, attn_BL: jax.Array | None, cache: KVC
                                      []), jnp.int32)
     branches = [functools.partial(prefix_window, width) for _, _, width in groups]
     window = lambda c: jax.lax.switch(group_of_block[block], branches, c)
-  if refresh is True:  # every step refreshes: no window program
-    return full(cache)
+  if isinstance(refresh, bool):  # known when tracing: one program, no lax.cond
+    return full(cache) if refresh else window(cache)
   return jax.lax.cond(refresh, full, window, cache)

@@ -126,16 +126,22 @@ def _record(trace, x_BL, revealed_BW, prob_BW, start_in_gen, row):
   return canvas_SBL.at[row].set(x_BL), conf_BG, step_BG
 
 
-def step(model, c: Carry, k: Consts, b, i, t, masks_B, s: Settings) -> Carry:
-  """Step i of block b (t: its noise index): logits of the block, then `decoding.reveal`."""
+def step(model, c: Carry, k: Consts, b, i, t, masks_B, s: Settings, refresh=None) -> Carry:
+  """Step i of block b (t: its noise index): logits of the block, then `decoding.reveal`.
+
+  refresh: whether a cached policy recomputes its cache (a Python bool: one
+  program, no `lax.cond`); None: every `cache_refresh` steps of the block.
+  """
   cfg = model.config
   G, bl = s.gen_length, s.block_length
   P = c.x_BL.shape[1] - G
-  refresh_every = s.cache_refresh or s.steps_per_block
+  if refresh is None:
+    refresh_every = s.cache_refresh or s.steps_per_block
+    refresh = True if refresh_every == 1 else i % refresh_every == 0
   ids_BL = guidance_batch(model, c.x_BL, k.fixed_BL) if s.cfg else c.x_BL
   logits_BbV, cache = kv_cache.block_logits(
       model, ids_BL, k.attn_BL, c.cache, mode=s.cache, gen_length=G, block_length=bl,
-      block=b, refresh=True if refresh_every == 1 else i % refresh_every == 0)
+      block=b, refresh=refresh)
   if s.cfg:
     logits_BbV = combine_guidance(logits_BbV, k.cfg_scale)
   if s.logits_eos_inf:
@@ -173,8 +179,13 @@ def block(model, c: Carry, k: Consts, b, s: Settings) -> tuple[Carry, jax.Array]
   spb, bl = s.steps_per_block, s.block_length
   if s.rule == "fixed":
     masks_B = _masks_in_block(model, c.x_BL, b, s)
-    c = jax.lax.fori_loop(0, spb, lambda i, c: step(model, c, k, b, i, b * spb + i, masks_B, s),
-                          c)
+    first = 0
+    if s.cache != "none" and s.cache_refresh is None:  # step 0 refreshes, the others not
+      c = step(model, c, k, b, 0, b * spb, masks_B, s, refresh=True)
+      first = 1
+    c = jax.lax.fori_loop(
+        first, spb, lambda i, c: step(model, c, k, b, i, b * spb + i, masks_B, s,
+                                      refresh=False if first else None), c)
   else:  # threshold / factor: until the block has no masks left (at most bl steps).
     def cond(ic):
       return (ic[0] < bl) & jnp.any(_masks_in_block(model, ic[1].x_BL, b, s) > 0)
