@@ -18,8 +18,6 @@ model call, whether the tokens agree, and the load average (the CPU may be share
 
 from __future__ import annotations
 
-import os
-import time
 
 import jax
 import numpy as np
@@ -51,20 +49,10 @@ def _define_flags():
   flags.DEFINE_string("output", None, "Also write the JSON here.")
 
 
-def _timed(fn, repeats: int) -> tuple[list[float], object]:
-  """Wall seconds of `repeats` calls of `fn` after one warm-up (compiling) call."""
-  out = fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - start)
-  return times, out
-
-
 def run(cfg: ModelConfig, batches, gen_length: int, block_length: int, prompt_len: int,
         repeats: int) -> dict:
   model = models.init(cfg)
+  machine = common.machine()
   results = []
   for batch in batches:
     prompt = np.asarray(jax.random.randint(jax.random.key(batch), (batch, prompt_len), 0,
@@ -72,21 +60,21 @@ def run(cfg: ModelConfig, batches, gen_length: int, block_length: int, prompt_le
     args = dict(gen_length=gen_length, block_length=block_length, steps=block_length,
                 threshold=2.0, return_nfe=True)
     row = {"batch": batch, "gen_length": gen_length, "block_length": block_length,
-           "prompt_len": prompt_len, "loadavg_before": os.getloadavg()}
+           "prompt_len": prompt_len, "loadavg_before": common.load_average()}
     outs = {}
     for name, kv_cache in (("cached", True), ("recompute", False)):
-      times, (tokens, nfe) = _timed(
-          lambda kv=kv_cache: block.generate(model, prompt, kv_cache=kv, **args), repeats)
+      call = lambda kv=kv_cache: block.generate(model, prompt, kv_cache=kv, **args)
+      tokens, nfe = call()  # warm-up (compiles)
+      seconds = common.time_call(call, repeats, warmup=0)
       outs[name] = np.asarray(tokens)
-      row[name] = {"seconds": {"min": min(times), "median": float(np.median(times)),
-                               "max": max(times)},
-                   "tokens_per_s": batch * gen_length / float(np.median(times)),
+      row[name] = {"seconds": seconds,
+                   "tokens_per_s": common.per_second(batch * gen_length, seconds),
                    "model_calls": nfe, "tokens_per_model_call": gen_length / nfe}
     row["speedup"] = row["recompute"]["seconds"]["median"] / row["cached"]["seconds"]["median"]
     row["same_tokens"] = bool(np.array_equal(outs["cached"], outs["recompute"]))
-    row["loadavg_after"] = os.getloadavg()
+    row["loadavg_after"] = common.load_average()
     results.append(row)
-  return {"benchmark": "block_sampling", "machine": common.machine(),
+  return {"benchmark": "block_sampling", "machine": machine,
           "model": {"params": cfg.num_params(), "active_params": cfg.num_params(active=True),
                     **{k: v for k, v in cfg.to_dict().items() if k in SMALL_LLADA2}},
           "results": results}

@@ -6,7 +6,8 @@
 
 Runs `--turns` user turns at the chat defaults and reports, per turn, the prompt
 length, the bucket it was padded to, the seconds taken and the XLA programs
-compiled (name, seconds), then the totals, as JSON. The context is raised to
+compiled (name, seconds), then the totals, and the same conversation rerun
+warm (`--repeats` times: min / median / max seconds), as JSON. The context is raised to
 `--max_sequence_length` (LLaDA-8B's 4096) so that ten turns of 128 tokens fit
 in the tiny fixture; compilations depend only on the lengths and settings, not
 on the model's size.
@@ -32,20 +33,27 @@ MESSAGES = ["What is a Python list?", "How do I sort it?", "And in reverse order
 def _define_flags():
   flags.DEFINE_string("checkpoint", "tests/fixtures/llada_tiny", "Model directory.")
   flags.DEFINE_integer("turns", 10, "User turns.")
+  flags.DEFINE_integer("repeats", 3, "Warm reruns of the whole conversation (timed).")
   flags.DEFINE_integer("max_sequence_length", 4096, "Context length (overrides the config).")
   for name, default in chat.CHAT_DEFAULTS.items():
     flags.DEFINE_integer(name, default, f"generate's {name}.")
   flags.DEFINE_string("output", None, "Also write the JSON here.")
 
 
-def run(checkpoint_dir: str, turns: int, max_sequence_length: int, **settings) -> dict:
+def run(checkpoint_dir: str, turns: int, max_sequence_length: int, repeats: int = 0,
+        **settings) -> dict:
   model = loading.load(checkpoint_dir, max_sequence_length=max_sequence_length)
   tok = load_tokenizer(checkpoint_dir)
-  conv = chat.Conversation(model, tok, {**settings_lib.SAMPLER_ARGS, "seed": 0,
-                                        **chat.CHAT_DEFAULTS, **settings})
+  machine = common.machine()
+  new_conversation = lambda: chat.Conversation(model, tok, {  # noqa: E731
+      **settings_lib.SAMPLER_ARGS, "seed": 0, **chat.CHAT_DEFAULTS, **settings})
+
+  def converse(conv):
+    return [conv.reply(MESSAGES[turn % len(MESSAGES)]) for turn in range(turns)]
+
+  conv = new_conversation()
   rows = []
-  for turn in range(turns):
-    r = conv.reply(MESSAGES[turn % len(MESSAGES)])
+  for turn, r in enumerate(converse(conv)):
     rows.append({"turn": turn + 1, "prompt_length": r.prompt_length, "bucket": r.bucket,
                  "seconds": r.seconds, "compiles": len(r.compiles),
                  "compile_seconds": sum(t for _, t in r.compiles),
@@ -60,12 +68,15 @@ def run(checkpoint_dir: str, turns: int, max_sequence_length: int, **settings) -
       "sampler_compiles": sum("sample" in p for p in programs),
       "compile_seconds": sum(row["compile_seconds"] for row in rows),
       "seconds": sum(row["seconds"] for row in rows),
-      "machine": common.machine(),
+      # The same conversation again, everything compiled: min / median / max.
+      "warm_conversation_seconds": (common.time_call(lambda: converse(new_conversation()),
+                                                     repeats, warmup=0) if repeats else None),
+      "machine": machine,
   }
 
 
 def main(_):
-  result = run(FLAGS.checkpoint, FLAGS.turns, FLAGS.max_sequence_length,
+  result = run(FLAGS.checkpoint, FLAGS.turns, FLAGS.max_sequence_length, FLAGS.repeats,
                **{name: getattr(FLAGS, name) for name in chat.CHAT_DEFAULTS})
   common.write_json(result, FLAGS.output)
 

@@ -1,49 +1,79 @@
-"""Shared benchmark helpers: timing and this machine's matmul peak."""
+"""The benchmark protocol every script in benchmarks/ follows, and shared helpers.
+
+Protocol: warm-up call(s) (compiling) first, then several timed repeats,
+reported as min / median / max (`time_call`, `stats`); `machine()` records the
+load average when the run starts and warns when other jobs share the CPU,
+`write_json` adds the load average at the end. Timings taken on a busy machine
+are indicative only: compare the numbers of one run, or rerun quietly.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import statistics
+import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
+
+# A 1-minute load average above this fraction of the cores counts as busy.
+BUSY_LOAD_PER_CPU = 0.25
 
 
-def call_times(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+def times(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
   """Wall seconds of `repeats` calls of `fn()` (its result blocked on), after `warmup`."""
   for _ in range(warmup):
     jax.block_until_ready(fn())
-  times = []
+  out = []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return times
+    out.append(time.perf_counter() - start)
+  return out
 
 
-def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-  """Median wall seconds of `fn()` (its result blocked on), after `warmup` calls."""
-  return sorted(call_times(fn, repeats, warmup))[repeats // 2]
+def stats(values: Sequence[float]) -> dict[str, float]:
+  """{"min", "median", "max"} of `values`."""
+  return {"min": float(min(values)), "median": float(statistics.median(values)),
+          "max": float(max(values))}
 
 
-def matmul_flops_per_s(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
-  """Achieved FLOP/s of a jitted n×n float32 matmul: the machine's practical peak."""
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  matmul = jax.jit(jnp.dot)
-  return 2.0 * n ** 3 / time_call(lambda: matmul(a, b), repeats)
+def time_call(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, float]:
+  """min / median / max wall seconds of `fn()` over `repeats` calls after `warmup`."""
+  return stats(times(fn, repeats, warmup))
+
+
+def per_second(amount: float, seconds: dict[str, float]) -> dict[str, float]:
+  """A rate's min / median / max from the seconds' (the fastest call gives the max)."""
+  return {"min": amount / seconds["max"], "median": amount / seconds["median"],
+          "max": amount / seconds["min"]}
+
+
+def load_average() -> list[float]:
+  return [round(x, 2) for x in os.getloadavg()]
+
+
+def busy() -> bool:
+  """Whether the 1-minute load average says other jobs share the CPU."""
+  return os.getloadavg()[0] > BUSY_LOAD_PER_CPU * (os.cpu_count() or 1)
 
 
 def machine() -> dict[str, Any]:
+  """What ran the benchmark, with the load average at the start (warns when busy)."""
+  if busy():
+    print(f"warning: load average {load_average()} on {os.cpu_count()} CPUs: other jobs "
+          f"share the machine; timings are indicative only", file=sys.stderr, flush=True)
   return {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
           "cpu_count": os.cpu_count(), "platform": platform.platform(),
-          "jax": jax.__version__}
+          "jax": jax.__version__, "load_average_start": load_average(), "busy": busy()}
 
 
 def write_json(result: dict[str, Any], path: str | None) -> None:
+  """Prints `result` (plus the load average now) as JSON and writes it to `path`."""
+  result = {**result, "load_average_end": load_average()}
   text = json.dumps(result, indent=2)
   if path:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -14,8 +14,8 @@
 3. For each cache ∈ {none (the baseline), prefix, dual} × rule ∈ {fixed steps =
    gen_length, threshold 0.9, factor 1}: exact-match accuracy on --num_test
    held-out lists (left-padded batches of 8), NFE per generated token (model
-   calls / gen_length), and tokens/s (batch × gen_length / wall seconds, median
-   of --repeats, compile excluded) at batch 1 and 8; gen_length 256, block 32.
+   calls / gen_length), and tokens/s (batch × gen_length / wall seconds, min /
+   median / max of --repeats after the compiling call) at batch 1 and 8; gen_length 256, block 32.
    Also dual + threshold + stop_at_eos. JSON to stdout (and --output).
 """
 
@@ -50,7 +50,7 @@ def _define_flags():
   flags.DEFINE_integer("stage1_steps", 1500, "Training steps on short rows.")
   flags.DEFINE_integer("stage2_steps", 200, "Fine-tuning steps on prompt + 256 rows.")
   flags.DEFINE_integer("num_test", 200, "Held-out lists scored per setting.")
-  flags.DEFINE_integer("repeats", 3, "Timed runs per setting and batch (median).")
+  flags.DEFINE_integer("repeats", 3, "Timed runs per setting and batch after a warm-up.")
   flags.DEFINE_bool("skip_train", False, "Use the trained model already in --workdir.")
   flags.DEFINE_string("output", None, "Also write the JSON here.")
 
@@ -131,7 +131,8 @@ def run_mode(model, tok, records, mode: dict, repeats: int) -> dict:
     compile_s = time.perf_counter() - start
     seconds = common.time_call(lambda: llada_jax.generate(model, x, mask, **args), repeats,
                                warmup=0)
-    result[f"batch{batch}"] = {"seconds": seconds, "tokens_per_s": batch * GEN_LENGTH / seconds,
+    result[f"batch{batch}"] = {"seconds": seconds,
+                               "tokens_per_s": common.per_second(batch * GEN_LENGTH, seconds),
                                "first_call_seconds": compile_s}
   print(json.dumps(result), flush=True)
   return result

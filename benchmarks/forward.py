@@ -10,18 +10,18 @@ next to this machine's measured matmul FLOP/s, as JSON and a one-line summary.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import common
 from llada_jax.config import ModelConfig
 from llada_jax.models import llada as model_lib
+from llada_jax.training import flops as flops_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per forward.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed forwards (median reported).")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed forwards after a warm-up.")
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the JSON here.")
 
 
@@ -30,17 +30,20 @@ def run(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) -> dict:
     raise ValueError(f"--seq_len {seq_len} exceeds max_sequence_length {cfg.max_sequence_length}")
   model = model_lib.init(cfg)
   ids = jax.random.randint(jax.random.key(0), (batch, seq_len), 0, cfg.vocab_size)
+  machine = common.machine()
   seconds = common.time_call(lambda: model(ids), repeats)
   tokens = batch * seq_len
   flops = cfg.forward_flops_per_token(seq_len) * tokens
-  peak = common.matmul_flops_per_s(dtype=jnp.float32)
+  peak = flops_lib.matmul_peak_flops()
   return {
-      "benchmark": "forward", "machine": common.machine(),
+      "benchmark": "forward", "machine": machine,
       "model": {"params": cfg.num_params(), "d_model": cfg.d_model, "n_layers": cfg.n_layers,
                 "dtype": cfg.dtype, "param_dtype": cfg.param_dtype},
-      "batch": batch, "seq_len": seq_len, "seconds_per_forward": seconds,
-      "tokens_per_s": tokens / seconds, "model_flops_per_s": flops / seconds,
-      "matmul_flops_per_s_float32": peak, "fraction_of_matmul_peak": flops / seconds / peak,
+      "batch": batch, "seq_len": seq_len, "repeats": repeats, "seconds_per_forward": seconds,
+      "tokens_per_s": common.per_second(tokens, seconds),
+      "model_flops_per_s": common.per_second(flops, seconds),
+      "matmul_flops_per_s_float32": peak,
+      "fraction_of_matmul_peak": flops / seconds["median"] / peak,
   }
 
 
@@ -49,8 +52,8 @@ def main(argv):
   cfg = ModelConfig.from_dict(_CONFIG.value.model)
   result = run(cfg, _BATCH.value, _SEQ_LEN.value, _REPEATS.value)
   common.write_json(result, _OUTPUT.value)
-  print(f"forward: {result['tokens_per_s']:,.0f} tokens/s, "
-        f"{result['model_flops_per_s'] / 1e9:.1f} GFLOP/s model FLOPs = "
+  print(f"forward: {result['tokens_per_s']['median']:,.0f} tokens/s (median), "
+        f"{result['model_flops_per_s']['median'] / 1e9:.1f} GFLOP/s model FLOPs = "
         f"{100 * result['fraction_of_matmul_peak']:.0f}% of this machine's "
         f"{result['matmul_flops_per_s_float32'] / 1e9:.0f} GFLOP/s float32 matmul "
         f"({result['model']['params'] / 1e6:.1f}M params, batch {result['batch']} x "

@@ -14,7 +14,6 @@ average before and after (the CPU may be shared).
 from __future__ import annotations
 
 import argparse
-import os
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -29,7 +28,7 @@ def run(mbytes: int = 256, dtype: str = "float32", repeats: int = 5) -> dict:
   n = mbytes * 2**20 // np.dtype(np_dtype).itemsize
   host = np.random.default_rng(0).standard_normal(n, dtype=np.float32).astype(np_dtype)
   device = jnp.asarray(host)
-  load_before = os.getloadavg()
+  machine = common.machine()
   passes = {
       "host_digest": lambda: integrity.digest(host),
       "host_finite": lambda: integrity.nonfinite_count(host),
@@ -37,13 +36,11 @@ def run(mbytes: int = 256, dtype: str = "float32", repeats: int = 5) -> dict:
   }
   results = {}
   for name, fn in passes.items():
-    t = sorted(common.call_times(fn, repeats))
-    gbs = [host.nbytes / s / 1e9 for s in (t[-1], t[len(t) // 2], t[0])]
-    results[name] = {"seconds": {"min": t[0], "median": t[len(t) // 2], "max": t[-1]},
-                     "gb_per_s": {"min": gbs[0], "median": gbs[1], "max": gbs[2]}}
+    seconds = common.time_call(fn, repeats)
+    results[name] = {"seconds": seconds, "gb_per_s": common.per_second(host.nbytes / 1e9,
+                                                                      seconds)}
   return {"mbytes": mbytes, "dtype": dtype, "repeats": repeats, "results": results,
-          "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-          "machine": common.machine()}
+          "machine": machine}
 
 
 def main() -> None:

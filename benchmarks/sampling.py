@@ -35,7 +35,7 @@ def _define_flags():
   flags.DEFINE_list("gen_lengths", ["64", "256"], "Generation lengths.")
   flags.DEFINE_integer("block_length", 32, "Semi-autoregressive block length.")
   flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
-  flags.DEFINE_integer("repeats", 3, "Timed runs of each sampler (median).")
+  flags.DEFINE_integer("repeats", 3, "Timed runs of each sampler after a warm-up.")
   flags.DEFINE_string("output", None, "Also write the JSON here.")
 
 
@@ -74,6 +74,7 @@ def run(cfg: ModelConfig, batches, gen_lengths, block_length: int, prompt_len: i
   if need > cfg.max_sequence_length:  # RoPE has no table: any length works
     cfg = cfg.replace(max_sequence_length=need)
   model = model_lib.init(cfg)
+  machine = common.machine()
   results = []
   for batch in batches:
     for gen_length in gen_lengths:
@@ -91,14 +92,15 @@ def run(cfg: ModelConfig, batches, gen_lengths, block_length: int, prompt_len: i
       tokens = batch * gen_length
       results.append({
           "batch": batch, "gen_length": gen_length, "steps": gen_length, "block_length": bl,
-          "prompt_len": prompt_len,
+          "prompt_len": prompt_len, "repeats": repeats,
           "loop_seconds": loop_s, "compiled_seconds": compiled_s,
-          "loop_tokens_per_s": tokens / loop_s, "compiled_tokens_per_s": tokens / compiled_s,
-          "speedup": loop_s / compiled_s,
+          "loop_tokens_per_s": common.per_second(tokens, loop_s),
+          "compiled_tokens_per_s": common.per_second(tokens, compiled_s),
+          "speedup": loop_s["median"] / compiled_s["median"],
           "compiled_first_call_seconds": first_call,
           "same_tokens": bool((np.asarray(loop_out) == np.asarray(compiled_out)).all()),
       })
-  return {"benchmark": "sampling", "machine": common.machine(),
+  return {"benchmark": "sampling", "machine": machine,
           "model": {"params": cfg.num_params(), "d_model": cfg.d_model,
                     "n_layers": cfg.n_layers, "dtype": cfg.dtype},
           "results": results}
@@ -111,8 +113,9 @@ def main(argv):
                FLAGS.block_length, FLAGS.prompt_len, FLAGS.repeats)
   common.write_json(result, FLAGS.output)
   for r in result["results"]:
-    print(f"batch {r['batch']:2d} gen {r['gen_length']:4d}: loop {r['loop_tokens_per_s']:8.1f} "
-          f"tok/s, compiled {r['compiled_tokens_per_s']:8.1f} tok/s, x{r['speedup']:.1f}"
+    print(f"batch {r['batch']:2d} gen {r['gen_length']:4d}: loop "
+          f"{r['loop_tokens_per_s']['median']:8.1f} tok/s, compiled "
+          f"{r['compiled_tokens_per_s']['median']:8.1f} tok/s, x{r['speedup']:.1f}"
           f" (same tokens: {r['same_tokens']})")
 
 

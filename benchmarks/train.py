@@ -7,7 +7,7 @@ For the tiny config and a ~100M config, on random tokens:
   step  the real jitted step (`train.compile_train_step`), a few steps
         dispatched back to back then blocked on, after one warm-up step;
         seconds per step over repeats (min/median/max) and MFU against the
-        measured float32 matmul FLOP/s of the device.
+        device's float32 matmul peak (`flops.matmul_peak_flops`, as the trainer's MFU).
   loop  `train.train_and_evaluate` on pre-tokenized random documents: steps/s of
         each logging window (from the tokens/s the loop logs), the first window
         (compilation) dropped; min/median/max over windows. This includes the
@@ -52,10 +52,6 @@ def _config(model: dict, batch_size: int, seq_len: int, loss_vocab_chunk: int = 
   return cfg
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-  return {"min": min(values), "median": float(np.median(values)), "max": max(values)}
-
-
 def bench_step(cfg, steps: int, repeats: int, peak: float) -> dict:
   """Seconds per jitted step, `steps` dispatched back to back per repeat."""
   model_cfg = ModelConfig.from_dict(cfg.model)
@@ -76,7 +72,7 @@ def bench_step(cfg, steps: int, repeats: int, peak: float) -> dict:
       state, m = step_fn(state, batch)
     jax.block_until_ready((state, m))
     times.append((time.perf_counter() - t0) / steps)
-  step_s = _stats(times)
+  step_s = common.stats(times)
   tokens = cfg.batch_size * cfg.seq_len
   flops = tokens * flops_lib.flops_per_token(model_cfg, cfg.seq_len) / jax.device_count()
   return {"first_step_s": first_s, "step_s": step_s, "steps_per_s": 1 / step_s["median"],
@@ -104,7 +100,7 @@ def bench_loop(cfg, windows: int, window_steps: int, workdir: str) -> dict:
   if len(tok_s) != windows + 1:
     raise RuntimeError(f"expected {windows + 1} log lines, got:\n{out.getvalue()}")
   steps_s = [t / (cfg.batch_size * cfg.seq_len) for t in tok_s[1:]]
-  return {"windows": windows, "steps_per_window": window_steps, "steps_per_s": _stats(steps_s)}
+  return {"windows": windows, "steps_per_window": window_steps, "steps_per_s": common.stats(steps_s)}
 
 
 def main() -> None:
@@ -113,8 +109,8 @@ def main() -> None:
   ap.add_argument("--loss_vocab_chunk", type=int, default=0, help="0: the config's default")
   ap.add_argument("--output", default="")
   args = ap.parse_args()
-  load_before = os.getloadavg()
-  peak = common.matmul_flops_per_s()
+  machine = common.machine()
+  peak = flops_lib.matmul_peak_flops()
   runs = []
   for name in args.configs.split(","):
     model, batch, seq_len, steps, repeats, windows, window_steps = SETUPS[name]
@@ -126,9 +122,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
       run["loop"] = bench_loop(config(), windows, window_steps, tmp)
     runs.append(run)
-  common.write_json({"benchmark": "train", "machine": common.machine(),
-                     "matmul_flops_per_s_float32": peak, "load_average_before": load_before,
-                     "load_average_after": os.getloadavg(), "runs": runs}, args.output)
+  common.write_json({"benchmark": "train", "machine": machine,
+                     "matmul_flops_per_s_float32": peak, "runs": runs}, args.output)
 
 
 if __name__ == "__main__":

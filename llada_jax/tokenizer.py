@@ -275,6 +275,7 @@ def train(inputs: Sequence[str], vocab_size: int, output_dir: str,
   os.makedirs(output_dir, exist_ok=True)
   by_id = dict(RESERVED)
   model_path = os.path.join(output_dir, "tokenizer.model")
+  spm.set_random_generator_seed(0)  # the sentence sample and shuffle: the same every run
   with open(model_path + ".tmp", "wb") as model_file:
     try:
       spm.SentencePieceTrainer.train(
@@ -287,7 +288,7 @@ def train(inputs: Sequence[str], vocab_size: int, output_dir: str,
           eos_id=2, eos_piece=by_id[2], pad_id=-1,
           user_defined_symbols=[by_id[i] for i in range(3, len(RESERVED))],
           input_sentence_size=max_sentences, shuffle_input_sentence=True,
-          num_threads=os.cpu_count() or 1, minloglevel=2)
+          num_threads=1, minloglevel=2)  # one thread: the same pieces on every machine
     except RuntimeError as e:
       raise ValueError(f"SentencePiece training failed on --input {inputs}: {e}") from e
   os.replace(model_path + ".tmp", model_path)

@@ -5,8 +5,9 @@ machinery: a jitted model call per step, numpy everywhere else, a sort per row
 for the top-k. Caches use the model's own primitives (`forward_with_cache`,
 `forward_window`) and the exact windows (prefix: [block, end)), not the
 compiled sampler's padded ones. Noise is drawn as `loop.py` documents (step t:
-fold_in(rng, t), split into the Gumbel and the random-remasking keys), so
-sampled runs compare token for token.
+fold_in(rng, t), split into the Gumbel and the random-remasking keys, each folded
+with the position's index in the generated part), so sampled runs compare token
+for token.
 """
 
 import jax
@@ -32,6 +33,11 @@ class _Logits:
     window_end = end if self.mode == "dual" else ids.shape[1]
     logits, _ = self.window(ids[:, start:window_end], start, cache, attn)
     return np.array(logits, np.float32)[:, :end - start], cache
+
+
+def _noise(draw, key, lo, hi):
+  """[B, hi - lo, ...]: generated position j's noise is draw(fold_in(key, j))."""
+  return np.stack([np.asarray(draw(jax.random.fold_in(key, j))) for j in range(lo, hi)], axis=1)
 
 
 def _count(rule_value, conf_sorted, *, rule, scheduled):
@@ -84,8 +90,8 @@ def reference_generate(model, prompt, attn=None, *, gen_length, block_length, st
         logits[..., eos] = -np.inf
       key_g, key_r = jax.random.split(jax.random.fold_in(rng, b * spb + i))
       if temperature > 0:
-        g = np.asarray(jax.random.gumbel(key_g, (B, gen_length) + logits.shape[2:],
-                                         jnp.float32))[:, lo - P:hi - P]
+        g = _noise(lambda k: jax.random.gumbel(k, (B, logits.shape[2]), jnp.float32), key_g,
+                   lo - P, hi - P)
         x0 = np.argmax(logits / np.float32(temperature) + g, axis=-1)
       else:
         x0 = np.argmax(logits, axis=-1)
@@ -96,7 +102,7 @@ def reference_generate(model, prompt, attn=None, *, gen_length, block_length, st
       if remasking == "low_confidence":
         conf = np.take_along_axis(p, x0[..., None], -1)[..., 0]
       else:
-        conf = np.asarray(jax.random.uniform(key_r, (B, gen_length), jnp.float32))[:, lo - P:hi - P]
+        conf = _noise(lambda k: jax.random.uniform(k, (B,), jnp.float32), key_r, lo - P, hi - P)
       if confidence_eos_eot_inf:
         conf = np.where(np.isin(x0, stops), -np.inf, conf)
       for r in range(B):

@@ -167,6 +167,20 @@ def test_decoding_rules():
                                               (12, 16, 16)]
 
 
+def test_topk_by_lax_top_k_equals_the_sort_and_noise_is_per_position():
+  rng = np.random.default_rng(0)
+  # Ties (values from a small set), -inf scores and invalid positions, k up to the bound.
+  score = rng.choice(np.array([-np.inf, 0.0, 0.25, 0.5, 1.0], np.float32), (64, 12))
+  valid = rng.random((64, 12)) < 0.6
+  k = rng.integers(0, 4, 64)
+  np.testing.assert_array_equal(decoding.topk_mask(score, k, valid, max_k=3),
+                                decoding.topk_mask(score, k, valid))
+  draw = lambda key: jax.random.uniform(key, (2,))
+  key = jax.random.key(3)
+  np.testing.assert_array_equal(decoding.position_noise(draw, key, 5, 4),
+                                np.asarray(decoding.position_noise(draw, key, 0, 12))[:, 5:9])
+
+
 def test_one_program_per_rule_and_invalid_settings(tiny_model):
   prompt = np.array([[5, 6, 7]])
   args = dict(steps=8, gen_length=8, block_length=4, cache="dual")

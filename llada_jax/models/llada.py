@@ -246,19 +246,21 @@ class Transformer(nnx.Module):
       for name, per_layer in aux_run.items():
         aux[name] = aux.get(name, 0.0) + jnp.sum(per_layer, axis=0)
     x_BWD = rms_norm(x_BWD, self.ln_f[...], cfg.rms_norm_eps)
-    if not head:
-      return x_BWD, None, aux
-    head_DV = self.head_DV()
-    logits_BWV = jnp.einsum("bwd,dv->bwv", x_BWD, head_DV.astype(dt),
-                            preferred_element_type=jnp.float32)
-    if cfg.scale_logits:
-      logits_BWV = logits_BWV * (1.0 / jnp.sqrt(jnp.float32(cfg.d_model)))
-    logits_BWV = sharding.constrain(logits_BWV, ("batch", "length", "vocab"))
     kv = None
     if return_kv:
       kv = KVCache(*(jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
                      for parts in zip(*kvs))).constrained()
-    return logits_BWV, kv, aux
+    return (self.head_logits(x_BWD) if head else x_BWD), kv, aux
+
+  def head_logits(self, x_BWD: jax.Array) -> jax.Array:
+    """Final normed hidden states [B, W, D] -> float32 logits [B, W, V] (the output head)."""
+    cfg = self.config
+    logits_BWV = jnp.einsum("bwd,dv->bwv", x_BWD, self.head_DV().astype(DTYPES[cfg.dtype]),
+                            preferred_element_type=jnp.float32)
+    if cfg.scale_logits:
+      logits_BWV = logits_BWV * (1.0 / jnp.sqrt(jnp.float32(cfg.d_model)))
+    with self.activation_mesh():
+      return sharding.constrain(logits_BWV, ("batch", "length", "vocab"))
 
   def forward(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None
               ) -> jax.Array:
@@ -282,14 +284,15 @@ class Transformer(nnx.Module):
     return out, aux
 
   def forward_with_cache(self, input_ids_BL: jax.Array,
-                         attention_mask_BL: jax.Array | None = None
+                         attention_mask_BL: jax.Array | None = None, head: bool = True
                          ) -> tuple[jax.Array, KVCache]:
-    """Full forward that also returns every layer's keys (after RoPE) and values."""
-    return self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=True)[:2]
+    """Full forward that also returns every layer's keys (after RoPE) and values.
+    `head=False`: the final normed hidden states in place of the logits (`head_logits`)."""
+    return self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=True, head=head)[:2]
 
   def forward_window(self, window_ids_BW: jax.Array, start, cache: KVCache,
-                     attention_mask_BS: jax.Array | None = None, fresh_from=None
-                     ) -> tuple[jax.Array, KVCache]:
+                     attention_mask_BS: jax.Array | None = None, fresh_from=None,
+                     head: bool = True) -> tuple[jax.Array, KVCache]:
     """Positions start…start+W−1 only, attending to all S cached positions.
 
     The window's fresh keys/values replace the cache's rows there (returned
@@ -297,10 +300,10 @@ class Transformer(nnx.Module):
     With `fresh_from` (may be traced), window positions before it keep their
     cached keys/values in every layer: their own outputs are then meaningless,
     and positions from `fresh_from` on see exactly the cache there.
-    -> (logits [B, W, V] float32, updated KVCache).
+    -> (logits [B, W, V] float32 (hidden states with `head=False`), updated KVCache).
     """
     return self._run(window_ids_BW, attention_mask_BS, start, cache, return_kv=True,
-                     fresh_from=fresh_from)[:2]
+                     fresh_from=fresh_from, head=head)[:2]
 
   def __call__(self, input_ids, attention_mask=None) -> jax.Array:
     """Jitted forward: int [B, L] (+ {0,1} mask [B, L]) -> float32 [B, L, V]."""
@@ -312,8 +315,8 @@ class Transformer(nnx.Module):
                      ) -> jax.Array:
     """`forward` up to the output head: final normed hidden states [B, L, D] (compute dtype).
 
-    The logits are x_BLD @ `head_DV()` (float32 accumulation), times
-    1/sqrt(d_model) when `scale_logits`; losses that chunk the vocabulary use this.
+    The logits are `head_logits` of it: x_BLD @ `head_DV()` (float32 accumulation),
+    times 1/sqrt(d_model) when `scale_logits`; losses that chunk the vocabulary use this.
     """
     return self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=False, head=False)[0]
 

@@ -1,6 +1,7 @@
 """How a sampler step gets its logits under each KV-cache policy (Fast-dLLM style).
 
-A step computes logits for a *window* of positions only:
+A step runs the layers on a *window* of positions, and the output head on the
+current block's positions only (`block_logits`):
 
 - "none": every step is a full forward; the window is the generated part.
 - "prefix": a refresh step (the first of each block, and every `cache_refresh`
@@ -54,41 +55,43 @@ def empty_cache(cfg, batch: int, length: int) -> KVCache:
   return KVCache(zeros, zeros)
 
 
-def gen_logits(model, ids_BL: jax.Array, attn_BL: jax.Array | None, cache: KVCache | None,
-               *, mode: str, gen_length: int, block_length: int, block, refresh
-               ) -> tuple[jax.Array, KVCache | None]:
-  """float32 logits [B, gen_length, V] of the generated part, and the cache.
+def block_logits(model, ids_BL: jax.Array, attn_BL: jax.Array | None, cache: KVCache | None,
+                 *, mode: str, gen_length: int, block_length: int, block, refresh
+                 ) -> tuple[jax.Array, KVCache | None]:
+  """float32 logits [B, block_length, V] of the current `block` (traced), and the cache.
 
-  Only the step's window is computed: positions outside it hold zeros (they
-  are never candidates: the current `block` (traced) always lies inside).
-  mode "none": a full forward. "prefix" / "dual": a full forward storing the
-  cache when `refresh` (traced bool, or True), else the window against `cache`.
+  Every policy runs the layers on its window, then the output head on the
+  block's positions only. mode "none": a full forward. "prefix" / "dual": a full
+  forward storing the cache when `refresh` (a traced or Python bool), else the
+  window against `cache`.
   """
   if cache is not None:
     with model.activation_mesh():  # the loop carries it sharded like the activations
       cache = cache.constrained()
   L = ids_BL.shape[1]
-  P = L - gen_length
+  start = L - gen_length + block * block_length  # the block's first position
+
+  def head(x_BWD, window_start):
+    x_BbD = jax.lax.dynamic_slice_in_dim(x_BWD, start - window_start, block_length, axis=1)
+    return model.head_logits(x_BbD)
+
   if mode == "none":
-    return model.forward(ids_BL, attn_BL)[:, P:], cache
+    return head(model.forward_hidden(ids_BL, attn_BL), 0), cache
 
   def full(_):
-    logits_BLV, new_cache = model.forward_with_cache(ids_BL, attn_BL)
-    return logits_BLV[:, P:], new_cache
+    x_BLD, new_cache = model.forward_with_cache(ids_BL, attn_BL, head=False)
+    return head(x_BLD, 0), new_cache
 
   def dual_window(old_cache):
-    start = P + block * block_length
     ids_BW = jax.lax.dynamic_slice_in_dim(ids_BL, start, block_length, axis=1)
-    logits_BWV, new_cache = model.forward_window(ids_BW, start, old_cache, attn_BL)
-    zeros_BGV = jnp.zeros(logits_BWV.shape[:1] + (gen_length,) + logits_BWV.shape[2:],
-                          logits_BWV.dtype)
-    return jax.lax.dynamic_update_slice_in_dim(zeros_BGV, logits_BWV, start - P, axis=1), new_cache
+    x_BWD, new_cache = model.forward_window(ids_BW, start, old_cache, attn_BL, head=False)
+    return model.head_logits(x_BWD), new_cache
 
   def prefix_window(width: int, old_cache):
-    logits_BWV, _ = model.forward_window(ids_BL[:, L - width:], L - width, old_cache, attn_BL,
-                                         fresh_from=P + block * block_length)
+    x_BWD, _ = model.forward_window(ids_BL[:, L - width:], L - width, old_cache, attn_BL,
+                                    fresh_from=start, head=False)
     # The window recomputes all its positions every step: keep the refresh cache.
-    return jnp.pad(logits_BWV, ((0, 0), (gen_length - width, 0), (0, 0))), old_cache
+    return head(x_BWD, L - width), old_cache
 
   if mode == "dual":
     window = dual_window
@@ -98,6 +101,6 @@ def gen_logits(model, ids_BL: jax.Array, attn_BL: jax.Array | None, cache: KVCac
                                      []), jnp.int32)
     branches = [functools.partial(prefix_window, width) for _, _, width in groups]
     window = lambda c: jax.lax.switch(group_of_block[block], branches, c)
-  if refresh is True:  # every step refreshes: no window program
-    return full(cache)
+  if isinstance(refresh, bool):  # known when tracing: one program, no lax.cond
+    return full(cache) if refresh else window(cache)
   return jax.lax.cond(refresh, full, window, cache)

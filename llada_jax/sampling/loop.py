@@ -12,8 +12,10 @@ in only when `Settings.trace` is set.
 Randomness: step t of the fixed schedule (counted over all blocks) draws from
 `fold_in(rng, t)`; under threshold / factor step i of block b uses
 t = b · block_length + i (so threshold > 1 reproduces steps = gen_length).
-Logits always span the whole generated part (zeros outside the step's window),
-so each position gets the same noise under every cache policy.
+The output head and the reveal run on the current block only; the noise of a
+position is drawn from the step's key folded with the position's index in the
+generated part, so each position gets the same noise under every cache policy
+and whatever window computes it.
 Temperature sampling is Gumbel-max in float32: argmax(logits / T + g) with
 g = -log(-log u) is the same distribution as the reference's float64
 argmax(exp(logits) / (-log u)^T); the log-space form cannot overflow, so
@@ -124,32 +126,45 @@ def _record(trace, x_BL, revealed_BW, prob_BW, start_in_gen, row):
   return canvas_SBL.at[row].set(x_BL), conf_BG, step_BG
 
 
-def step(model, c: Carry, k: Consts, b, i, t, masks_B, s: Settings) -> Carry:
-  """Step i of block b (t: its noise index): logits of the window, then `decoding.reveal`."""
+def step(model, c: Carry, k: Consts, b, i, t, masks_B, s: Settings, refresh=None) -> Carry:
+  """Step i of block b (t: its noise index): logits of the block, then `decoding.reveal`.
+
+  refresh: whether a cached policy recomputes its cache (a Python bool: one
+  program, no `lax.cond`); None: every `cache_refresh` steps of the block.
+  """
   cfg = model.config
   G, bl = s.gen_length, s.block_length
   P = c.x_BL.shape[1] - G
-  refresh_every = s.cache_refresh or s.steps_per_block
+  if refresh is None:
+    refresh_every = s.cache_refresh or s.steps_per_block
+    refresh = True if refresh_every == 1 else i % refresh_every == 0
   ids_BL = guidance_batch(model, c.x_BL, k.fixed_BL) if s.cfg else c.x_BL
-  logits_BGV, cache = kv_cache.gen_logits(
+  logits_BbV, cache = kv_cache.block_logits(
       model, ids_BL, k.attn_BL, c.cache, mode=s.cache, gen_length=G, block_length=bl,
-      block=b, refresh=True if refresh_every == 1 else i % refresh_every == 0)
+      block=b, refresh=refresh)
   if s.cfg:
-    logits_BGV = combine_guidance(logits_BGV, k.cfg_scale)
+    logits_BbV = combine_guidance(logits_BbV, k.cfg_scale)
   if s.logits_eos_inf:
-    logits_BGV = logits_BGV.at[..., cfg.eos_token_id].set(-jnp.inf)
-  x_BG = c.x_BL[:, P:]
-  in_block_G = jnp.arange(G, dtype=jnp.int32) < (b + 1) * bl
-  x_BG, revealed_BG = decoding.reveal(
-      x_BG, logits_BGV, jax.random.fold_in(k.rng, t), step=i, masks_B=masks_B,
+    logits_BbV = logits_BbV.at[..., cfg.eos_token_id].set(-jnp.inf)
+  x_Bb = jax.lax.dynamic_slice_in_dim(c.x_BL, P + b * bl, bl, axis=1)
+  x_Bb, revealed_Bb = decoding.reveal(
+      x_Bb, logits_BbV, jax.random.fold_in(k.rng, t), step=i, masks_B=masks_B,
       temperature=k.temperature, value=k.accept_value, s=s, mask_id=cfg.mask_token_id,
-      stop_ids=_stop_ids(cfg), candidate_BW=(x_BG == cfg.mask_token_id) & in_block_G)
-  x_BL = _constrain(model, jnp.concatenate([c.x_BL[:, :P], x_BG], axis=1))
+      stop_ids=_stop_ids(cfg), offset=b * bl, max_k=_max_reveals(s))
+  x_BL = _constrain(model, jax.lax.dynamic_update_slice_in_dim(c.x_BL, x_Bb, P + b * bl, axis=1))
   trace = c.trace
   if s.trace:
-    trace = _record(trace, x_BL, revealed_BG, decoding.token_prob(logits_BGV, x_BG), 0,
+    trace = _record(trace, x_BL, revealed_Bb, decoding.token_prob(logits_BbV, x_Bb), b * bl,
                     c.steps_run)
   return Carry(x_BL, cache, trace, c.steps_run + 1)
+
+
+def _max_reveals(s: Settings) -> int:
+  """The most positions a step can reveal: ceil(block_length / steps) under the fixed
+  schedule (a block holds at most block_length masks), the whole block otherwise."""
+  if s.rule == "fixed":
+    return -(-s.block_length // s.steps_per_block)
+  return s.block_length
 
 
 def _masks_in_block(model, x_BL, b, s: Settings) -> jax.Array:
@@ -164,8 +179,13 @@ def block(model, c: Carry, k: Consts, b, s: Settings) -> tuple[Carry, jax.Array]
   spb, bl = s.steps_per_block, s.block_length
   if s.rule == "fixed":
     masks_B = _masks_in_block(model, c.x_BL, b, s)
-    c = jax.lax.fori_loop(0, spb, lambda i, c: step(model, c, k, b, i, b * spb + i, masks_B, s),
-                          c)
+    first = 0
+    if s.cache != "none" and s.cache_refresh is None:  # step 0 refreshes, the others not
+      c = step(model, c, k, b, 0, b * spb, masks_B, s, refresh=True)
+      first = 1
+    c = jax.lax.fori_loop(
+        first, spb, lambda i, c: step(model, c, k, b, i, b * spb + i, masks_B, s,
+                                      refresh=False if first else None), c)
   else:  # threshold / factor: until the block has no masks left (at most bl steps).
     def cond(ic):
       return (ic[0] < bl) & jnp.any(_masks_in_block(model, ic[1].x_BL, b, s) > 0)
