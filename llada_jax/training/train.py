@@ -144,8 +144,9 @@ def eval_step(params: dict[str, Any], batch: dict[str, jax.Array], rng: jax.Arra
 
 # ---- sharded state ----------------------------------------------------------------
 
-def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
-  return sharding.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """The training mesh of `cfg.mesh` over `devices` (None: all of this process's view)."""
+  return sharding.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices=devices)
 
 
 def batch_sharding(mesh: Mesh, rules=sharding.DEFAULT_RULES) -> NamedSharding:
