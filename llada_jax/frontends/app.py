@@ -76,6 +76,23 @@ def frames_html(trace: sampling.Trace, tok, mask_id: int, shown: int) -> str:
   return f'<div id="llada-frames">{"".join(frames)}</div>'
 
 
+def traced(cfg) -> bool:
+  """Whether answers come with the denoising trace: block-diffusion generate (llada2)
+  records none."""
+  return cfg.family != "llada2"
+
+
+def answer(model, tok, settings: dict[str, Any], message: str, history: Sequence[int],
+           turns: int, fixed_words: str = "") -> tuple[chat.Conversation, chat.Reply]:
+  """One turn of a browser session with the sidebar's `settings` -> (the session's
+  Conversation after it, the reply; its trace when `traced`). ValueError on bad input."""
+  conv = chat.Conversation(model, tok, settings)
+  conv.history, conv.turns = list(history), int(turns)
+  conv.too_long_hint = "Press Reset to start over, or lower gen_length."
+  constraints = parse_constraints(fixed_words or "", tok, int(settings["gen_length"]))
+  return conv, conv.reply(message, trace=traced(model.config), constraints=constraints or None)
+
+
 def build(model, tok, settings: dict[str, Any]) -> gr.Blocks:
   """The Gradio app around `model` (one Conversation per browser session)."""
   cfg = model.config
@@ -85,24 +102,21 @@ def build(model, tok, settings: dict[str, Any]) -> gr.Blocks:
               temperature, cfg_scale, remasking, fixed_words):
     if not message.strip():
       raise gr.Error("type a message first")
-    conv = chat.Conversation(model, tok, {
-        **settings, "gen_length": int(gen_length), "steps": int(steps),
-        "block_length": int(block_length), "temperature": float(temperature),
-        "cfg_scale": float(cfg_scale), "remasking": remasking})
-    conv.history, conv.turns = list(history), int(turns)
-    conv.too_long_hint = "Press Reset to start over, or lower gen_length."
+    turn_settings = {**settings, "gen_length": int(gen_length), "steps": int(steps),
+                     "block_length": int(block_length), "temperature": float(temperature),
+                     "cfg_scale": float(cfg_scale), "remasking": remasking}
     try:
-      constraints = parse_constraints(fixed_words or "", tok, int(gen_length))
-      reply = conv.reply(message, trace=True, constraints=constraints or None)
+      conv, reply = answer(model, tok, turn_settings, message, history, turns, fixed_words)
     except ValueError as e:
       raise gr.Error(str(e)) from e
-    n = len(reply.trace.canvas_SBL)
+    n = len(reply.trace.canvas_SBL) if traced(cfg) else 1
+    shown = (frames_html(reply.trace, tok, cfg.mask_token_id, n) if traced(cfg)
+             else "(no denoising trace: block-diffusion models decode block by block)")
     messages = list(messages) + [{"role": "user", "content": message},
                                  {"role": "assistant", "content": reply.text}]
-    return ("", messages, conv.history, conv.turns, frames_html(reply.trace, tok,
-            cfg.mask_token_id, n), gr.update(maximum=n, value=n), reply.trace,
-            f"{reply.new_tokens} tokens in {reply.seconds:.1f} s, {n} steps; history "
-            f"{len(conv.history)}/{limit} tokens")
+    return ("", messages, conv.history, conv.turns, shown, gr.update(maximum=n, value=n),
+            reply.trace, f"{reply.new_tokens} tokens in {reply.seconds:.1f} s"
+            + (f", {n} steps" if traced(cfg) else "") + f"; history {len(conv.history)}/{limit} tokens")
 
   def scrub(step, trace):
     if trace is None:

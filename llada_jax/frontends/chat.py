@@ -29,7 +29,7 @@ import numpy as np
 from jax import monitoring
 
 from llada_jax import errors
-from llada_jax.checkpoints import loading
+from llada_jax.checkpoints import layout, loading
 from llada_jax.frontends import settings as settings_lib
 from llada_jax.sampling import sampler as sampling
 from llada_jax.tokenizer import Tokenizer, load_tokenizer
@@ -49,9 +49,10 @@ def next_history(tokens: Sequence[int], eos_id: int) -> list[int]:
   return [int(t) for t in tokens if t != eos_id]
 
 
-def parse_settings(words: Sequence[str], settings: dict[str, Any]) -> dict[str, Any]:
+def parse_settings(words: Sequence[str], settings: dict[str, Any], cfg=None) -> dict[str, Any]:
   """`name=value` words -> a copy of `settings` with them changed (ValueError naming
-  the bad word). Names are generate's sampler arguments plus seed."""
+  the bad word). Names are generate's sampler arguments plus seed; with the model's
+  config, the values are checked by its family's rules."""
   types = {**{k: settings_lib.OPTIONAL_TYPES.get(k, type(v))
               for k, v in settings_lib.SAMPLER_ARGS.items()}, "seed": int}
   out = dict(settings)
@@ -73,7 +74,7 @@ def parse_settings(words: Sequence[str], settings: dict[str, Any]) -> dict[str, 
         out[name] = kind(text)
     except ValueError:
       raise ValueError(f"{name}: {text!r} is not a valid {kind.__name__}") from None
-  settings_lib.check_settings(out)
+  settings_lib.check_settings(out, cfg)
   return out
 
 
@@ -189,7 +190,7 @@ def run(conv: Conversation, read=input, write=print) -> None:
       write(HELP)
     elif command == "/set":
       try:
-        conv.settings = parse_settings(words, conv.settings)
+        conv.settings = parse_settings(words, conv.settings, conv.cfg)
         write(f"settings: {_show_settings(conv.settings)}")
       except ValueError as e:
         write(f"error: {e}")
@@ -222,8 +223,8 @@ def load_front_end(parser: argparse.ArgumentParser, args: argparse.Namespace):
   -> (model, tokenizer, sampler settings)."""
   settings = settings_lib.sampler_settings(args)
   try:
-    settings_lib.check_settings(settings)
     checkpoint, tokenizer = settings_lib.model_paths(args.checkpoint, args.tokenizer)
+    settings_lib.check_settings(settings, layout.read_config(checkpoint))  # no weights yet
     tok = load_tokenizer(tokenizer)
     tok.apply_chat_template([])  # the chat tokens exist
   except (ValueError, FileNotFoundError) as e:
