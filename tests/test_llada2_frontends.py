@@ -12,7 +12,7 @@ import pytest
 
 import llada_jax
 from fixture_copy import copy_with_config, ling_like_tokenizer
-from llada_jax import sample
+from llada_jax import models, sample
 from llada_jax.checkpoints import layout
 from llada_jax.frontends import chat, cli
 from llada_jax.frontends import settings as settings_lib
@@ -109,3 +109,13 @@ def test_lm_eval_model_args_take_the_editing_settings(model_dir, fixture_dir):
   assert {k: gen[k] for k in EDITING} == EDITING
   with pytest.raises(ValueError, match="editing_threshold: settings of block-diffusion"):
     evaluate.parse_model_args({"checkpoint": fixture_dir, "editing_threshold": 0.5})
+
+
+def test_chat_later_turns_extend_the_llada2_template(model_dir):
+  """Turn 2's prompt = history + the new turn = the template of the whole conversation."""
+  tok = load_tokenizer(model_dir)
+  conv = chat.Conversation(models.abstract(layout.read_config(model_dir)), tok, _settings())
+  first = {"role": "user", "content": PROMPT}
+  conv.history = tok.apply_chat_template([first]) + tok.encode("Four.<|role_end|>")
+  assert conv.prompt_for("Be brief.") == tok.apply_chat_template(
+      [first, {"role": "assistant", "content": "Four."}, {"role": "user", "content": "Be brief."}])

@@ -124,9 +124,11 @@ class Conversation:
     self.history, self.turns = [], 0
 
   def prompt_for(self, message: str) -> list[int]:
-    """History + this turn's templated ids (its BOS dropped after the first turn)."""
-    ids = self.tok.apply_chat_template([{"role": "user", "content": message}])
-    return ids if not self.history else self.history + ids[1:]
+    """History + this turn's templated ids (after the first turn without its BOS or,
+    for LLaDA2, its system turn: `continuation`)."""
+    ids = self.tok.apply_chat_template([{"role": "user", "content": message}],
+                                       continuation=bool(self.history))
+    return self.history + ids
 
   def reply(self, message: str, trace: bool = False,
             constraints: dict[int, int] | None = None) -> Reply:
