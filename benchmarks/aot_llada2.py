@@ -50,9 +50,9 @@ def compile_generate(model_cfg: ModelConfig, devices, mesh_shape, batch: int, pr
   """The compiled block-diffusion generate for abstract `devices` (nothing allocated)."""
   mesh = sharding.make_mesh(mesh_shape, sharding.EXPERT_MESH_AXES, devices)
   graphdef, state = nnx.split(models.abstract(model_cfg, mesh=mesh))
-  shardings = sharding.param_shardings(state, mesh)
-  state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                       state, shardings)
+  state = jax.tree.map(lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh),
+                       nnx.to_pure_dict(state),
+                       nnx.to_pure_dict(sharding.param_shardings(state, mesh)))
   s, knobs = block.check_settings(
       model_cfg, np.zeros((batch, prompt_len), np.int32), steps=block_length,
       gen_length=gen_length, block_length=block_length, temperature=0.0, threshold=None,
@@ -74,8 +74,8 @@ def main(argv):
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   topo, hbm = aot.topology(FLAGS.topology)
   devices = aot.tpu_devices(topo)
-  model_cfg = ModelConfig.from_dict({**dict(FLAGS.config.model), "dtype": "bfloat16",
-                                     "param_dtype": "bfloat16"})
+  model_cfg = aot.for_target(ModelConfig.from_dict(
+      {**dict(FLAGS.config.model), "dtype": "bfloat16", "param_dtype": "bfloat16"}), devices)
   mesh_shape = ([int(x) for x in FLAGS.mesh] if FLAGS.mesh else [1, 1, len(devices), 1])
   start = time.time()
   compiled, mesh = compile_generate(model_cfg, devices, mesh_shape, FLAGS.batch,

@@ -17,6 +17,7 @@ def model_config():
              vocab_size=157184, embedding_size=157184, max_sequence_length=8192,
              rope_theta=50000.0, qk_norm=True, num_experts=64, num_experts_per_tok=8,
              moe_hidden_size=1024, moe_layers=[1] * 16, expert_bias=True,
+             moe_impl="auto",  # ragged_dot on TPU (also for an AOT compile), tiled on CPU
              router_aux_loss_coef=0.01, mask_token_id=156895, eos_token_id=156892,
              pad_token_id=156892, bos_token_id=None, eot_token_id=None)
   return cfg

@@ -54,13 +54,14 @@ CHAT_FORMATS = {"llada": "llada", "llada_moe": "llada", "llada2": "llada2"}
 
 
 def render_llada2_chat(messages: Sequence[dict], add_generation_prompt: bool = True,
-                       thinking: str = LLADA2_CHAT["thinking"]) -> str:
-  """LLaDA2's chat template as text (see `LLADA2_CHAT`)."""
+                       thinking: str = LLADA2_CHAT["thinking"], continuation: bool = False) -> str:
+  """LLaDA2's chat template as text (see `LLADA2_CHAT`); `continuation`: the turns
+  only, without the opening system turn (to extend a rendered conversation)."""
   _check_messages(messages, LLADA2_CHAT["roles"])
   head, turn = "", LLADA2_CHAT["turn"]
-  if messages and messages[0]["role"] == "system":
+  if messages and messages[0]["role"] == "system" and not continuation:
     head, messages = str(messages[0]["content"]) + "\n", messages[1:]
-  out = f"<role>SYSTEM</role>{head}detailed thinking {thinking}<|role_end|>"
+  out = "" if continuation else f"<role>SYSTEM</role>{head}detailed thinking {thinking}<|role_end|>"
   for message in messages:
     out += turn.format(role=LLADA2_CHAT["roles"][message["role"]],
                        content=str(message["content"]))
@@ -118,23 +119,26 @@ class Tokenizer:
     return self._decode(ids, skip_special)
 
   def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
-                          family: str | None = None) -> list[int]:
+                          family: str | None = None, continuation: bool = False) -> list[int]:
     """The chat markup of model `family` (`CHAT_FORMATS`; None: the tokenizer's own,
     `chat_format`). LLaDA (SPEC §2): BOS, then per message
     `<sh>role<eh>\\n\\n{content.strip()}<eot>`, then the assistant header when
-    `add_generation_prompt` (the model's turn). LLaDA2: `render_llada2_chat`."""
+    `add_generation_prompt` (the model's turn). LLaDA2: `render_llada2_chat`.
+    `continuation`: the ids that extend an earlier conversation's (no BOS / no
+    LLaDA2 system turn)."""
     if family is not None and family not in CHAT_FORMATS:
       raise ValueError(f"apply_chat_template: family {family!r} is not one of "
                        f"{sorted(CHAT_FORMATS)}")
     if (CHAT_FORMATS[family] if family else self.chat_format) == "llada2":
-      return self.encode(render_llada2_chat(messages, add_generation_prompt))
+      return self.encode(render_llada2_chat(messages, add_generation_prompt,
+                                            continuation=continuation))
     missing = [n for n, v in (("bos", self.bos_id), ("start_header", self.start_header_id),
                               ("end_header", self.end_header_id), ("eot", self.eot_id))
                if v is None]
     if missing:
       raise ValueError(f"apply_chat_template: the tokenizer has no {', '.join(missing)} token")
     _check_messages(messages)
-    ids = [self.bos_id]
+    ids = [] if continuation else [self.bos_id]
     for message in messages:
       ids += self._header(message["role"], str(message["content"]).strip()) + [self.eot_id]
     if add_generation_prompt:

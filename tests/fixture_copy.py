@@ -1,4 +1,5 @@
-"""Test helper: a copy of a fixture checkpoint with its config.json edited."""
+"""Test helpers: a copy of a fixture checkpoint with its config.json edited; a small
+Ling-like tokenizer (LLaDA2's special tokens) for the LLaDA2 fixture, which has none."""
 
 import json
 import pathlib
@@ -16,3 +17,18 @@ def copy_with_config(src: pathlib.Path, dst: pathlib.Path, **changes) -> str:
       hf[key] = value
   (dst / "config.json").write_text(json.dumps(hf))
   return str(dst)
+
+
+def ling_like_tokenizer(directory) -> str:
+  """A small byte-level BPE tokenizer.json with LLaDA2's special tokens."""
+  from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  tok = Tokenizer(tok_models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(["What is two plus two? Four. Be brief, you are helpful."] * 4,
+                          trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.add_special_tokens(["<|endoftext|>", "<|mask|>", "<role>", "</role>", "<|role_end|>"])
+  path = str(directory / "tokenizer.json")
+  tok.save(path)
+  return path

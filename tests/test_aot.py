@@ -2,10 +2,15 @@
 
 import importlib.util
 
+import jax
 import pytest
 
-from configs import tiny
+from configs import llada_moe_7b, tiny
+from llada_jax.config import ModelConfig
 from llada_jax.training import aot
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu not installed")
 
 
 def test_slice_names_map_to_topologies():
@@ -20,7 +25,20 @@ def test_slice_names_map_to_topologies():
     aot.topology("a100-8")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def _moe_config(**kw) -> ModelConfig:
+  return ModelConfig.from_dict({**dict(llada_moe_7b.model_config()), **kw})
+
+
+@needs_libtpu
+def test_moe_auto_dispatch_follows_the_compile_target():
+  """An AOT compile for TPU from this CPU host gets TPU's dispatch, not the host's."""
+  assert aot.for_target(_moe_config(), jax.devices()).moe_impl == "tiled"
+  assert aot.for_target(_moe_config(), aot.tpu_devices("v5e:2x2")).moe_impl == "ragged_dot"
+  assert aot.for_target(_moe_config(moe_impl="dense"),
+                        aot.tpu_devices("v5e:2x2")).moe_impl == "dense"
+
+
+@needs_libtpu
 def test_tiny_config_compiles_for_a_small_slice():
   cfg = tiny.get_config()
   cfg.update(batch_size=8, seq_len=128)

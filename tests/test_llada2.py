@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import llada_jax
-from fixture_copy import copy_with_config
+from fixture_copy import copy_with_config, ling_like_tokenizer
 from llada_jax import models
 from llada_jax.checkpoints import hf as hf_checkpoint
 from llada_jax.checkpoints import layout
@@ -220,24 +220,9 @@ def test_dense_models_refuse_block_settings():
     llada_jax.generate(dense, [[1, 2, 3]], editing_threshold=0.5)
 
 
-def _ling_like_tokenizer(directory) -> str:
-  """A small byte-level BPE tokenizer.json with LLaDA2's special tokens."""
-  from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
-  tok = Tokenizer(tok_models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(["What is two plus two? Four. Be brief, you are helpful."] * 4,
-                          trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  tok.add_special_tokens(["<|endoftext|>", "<|mask|>", "<role>", "</role>", "<|role_end|>"])
-  path = str(directory / "tokenizer.json")
-  tok.save(path)
-  return path
-
-
 def test_llada2_chat_template(tmp_path):
   from llada_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  tok = tokenizer_lib.load_tokenizer(_ling_like_tokenizer(tmp_path))
+  tok = tokenizer_lib.load_tokenizer(ling_like_tokenizer(tmp_path))
   assert tok.chat_format == "llada2" and tok.bos_id is None
   messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two plus two?"},
               {"role": "assistant", "content": "Four."}, {"role": "user", "content": "What is it?"}]

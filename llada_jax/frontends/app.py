@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import html
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import gradio as gr
 import numpy as np
@@ -77,6 +77,33 @@ def frames_html(trace: sampling.Trace, tok, mask_id: int, shown: int) -> str:
   return f'<div id="llada-frames">{"".join(frames)}</div>'
 
 
+def traced(cfg) -> bool:
+  """Whether answers come with the denoising trace: block-diffusion generate (llada2)
+  records none."""
+  return cfg.family != "llada2"
+
+
+def answer_stream(model, tok, settings: dict[str, Any], message: str, history: Sequence[int],
+                  turns: int, fixed_words: str = ""
+                  ) -> tuple[chat.Conversation, Iterator[chat.Partial | chat.Reply]]:
+  """One turn of a browser session with the sidebar's `settings` -> (the session's
+  Conversation, the turn's items: a `chat.Partial` per committed block, then the
+  `chat.Reply`; traces when `traced`). ValueError on bad input."""
+  conv = chat.Conversation(model, tok, settings)
+  conv.history, conv.turns = list(history), int(turns)
+  conv.too_long_hint = "Press Reset to start over, or lower gen_length."
+  constraints = parse_constraints(fixed_words or "", tok, int(settings["gen_length"]))
+  return conv, conv.stream(message, trace=traced(model.config), constraints=constraints or None)
+
+
+def answer(model, tok, settings: dict[str, Any], message: str, history: Sequence[int],
+           turns: int, fixed_words: str = "") -> tuple[chat.Conversation, chat.Reply]:
+  """`answer_stream`'s turn run to its end -> (the Conversation after it, the reply)."""
+  conv, items = answer_stream(model, tok, settings, message, history, turns, fixed_words)
+  *_, reply = items
+  return conv, reply
+
+
 def build(model, tok, settings: dict[str, Any]) -> gr.Blocks:
   """The Gradio app around `model` (one Conversation per browser session)."""
   cfg = model.config
@@ -86,27 +113,26 @@ def build(model, tok, settings: dict[str, Any]) -> gr.Blocks:
               temperature, cfg_scale, remasking, fixed_words):
     if not message.strip():
       raise gr.Error("type a message first")
-    conv = chat.Conversation(model, tok, {
-        **settings, "gen_length": int(gen_length), "steps": int(steps),
-        "block_length": int(block_length), "temperature": float(temperature),
-        "cfg_scale": float(cfg_scale), "remasking": remasking})
-    conv.history, conv.turns = list(history), int(turns)
-    conv.too_long_hint = "Press Reset to start over, or lower gen_length."
+    turn_settings = {**settings, "gen_length": int(gen_length), "steps": int(steps),
+                     "block_length": int(block_length), "temperature": float(temperature),
+                     "cfg_scale": float(cfg_scale), "remasking": remasking}
     asked = list(messages) + [{"role": "user", "content": message}]
     try:
-      constraints = parse_constraints(fixed_words or "", tok, int(gen_length))
-      for item in conv.stream(message, trace=True, constraints=constraints or None):
-        n = len(item.trace.canvas_SBL)
+      conv, items = answer_stream(model, tok, turn_settings, message, history, turns,
+                                  fixed_words)
+      for item in items:
+        n = len(item.trace.canvas_SBL) if item.trace is not None else 1
         shown = asked + [{"role": "assistant", "content": item.text}]
-        frames = frames_html(item.trace, tok, cfg.mask_token_id, n)
+        frames = (frames_html(item.trace, tok, cfg.mask_token_id, n) if item.trace is not None
+                  else "(no denoising trace: block-diffusion models decode block by block)")
         if isinstance(item, chat.Partial):  # a block committed: show it
           yield ("", shown, gr.update(), gr.update(), frames, gr.update(maximum=n, value=n),
-                 gr.update(), f"denoising: {n} steps so far")
+                 gr.update(), f"denoising: {n} steps so far" if traced(cfg) else "decoding")
     except ValueError as e:
       raise gr.Error(str(e)) from e
     yield ("", shown, conv.history, conv.turns, frames, gr.update(maximum=n, value=n),
-           item.trace, f"{item.new_tokens} tokens in {item.seconds:.1f} s, {n} steps; "
-           f"history {len(conv.history)}/{limit} tokens")
+           item.trace, f"{item.new_tokens} tokens in {item.seconds:.1f} s"
+           + (f", {n} steps" if traced(cfg) else "") + f"; history {len(conv.history)}/{limit} tokens")
 
   def scrub(step, trace):
     if trace is None:

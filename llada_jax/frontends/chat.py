@@ -31,7 +31,7 @@ import numpy as np
 from jax import monitoring
 
 from llada_jax import errors
-from llada_jax.checkpoints import loading
+from llada_jax.checkpoints import layout, loading
 from llada_jax.frontends import settings as settings_lib
 from llada_jax.sampling import sampler as sampling
 from llada_jax.tokenizer import Tokenizer, load_tokenizer
@@ -51,9 +51,10 @@ def next_history(tokens: Sequence[int], eos_id: int) -> list[int]:
   return [int(t) for t in tokens if t != eos_id]
 
 
-def parse_settings(words: Sequence[str], settings: dict[str, Any]) -> dict[str, Any]:
+def parse_settings(words: Sequence[str], settings: dict[str, Any], cfg=None) -> dict[str, Any]:
   """`name=value` words -> a copy of `settings` with them changed (ValueError naming
-  the bad word). Names are generate's sampler arguments plus seed."""
+  the bad word). Names are generate's sampler arguments plus seed; with the model's
+  config, the values are checked by its family's rules."""
   types = {**{k: settings_lib.OPTIONAL_TYPES.get(k, type(v))
               for k, v in settings_lib.SAMPLER_ARGS.items()}, "seed": int}
   out = dict(settings)
@@ -75,7 +76,7 @@ def parse_settings(words: Sequence[str], settings: dict[str, Any]) -> dict[str, 
         out[name] = kind(text)
     except ValueError:
       raise ValueError(f"{name}: {text!r} is not a valid {kind.__name__}") from None
-  settings_lib.check_settings(out)
+  settings_lib.check_settings(out, cfg)
   return out
 
 
@@ -132,9 +133,11 @@ class Conversation:
     self.history, self.turns = [], 0
 
   def prompt_for(self, message: str) -> list[int]:
-    """History + this turn's templated ids (its BOS dropped after the first turn)."""
-    ids = self.tok.apply_chat_template([{"role": "user", "content": message}])
-    return ids if not self.history else self.history + ids[1:]
+    """History + this turn's templated ids (after the first turn without its BOS or,
+    for LLaDA2, its system turn: `continuation`)."""
+    ids = self.tok.apply_chat_template([{"role": "user", "content": message}],
+                                       continuation=bool(self.history))
+    return self.history + ids
 
   def stream(self, message: str, trace: bool = False,
              constraints: dict[int, int] | None = None) -> Iterator[Partial | Reply]:
@@ -234,7 +237,7 @@ def run(conv: Conversation, read=input, write=print, write_partial=_write_out) -
       write(HELP)
     elif command == "/set":
       try:
-        conv.settings = parse_settings(words, conv.settings)
+        conv.settings = parse_settings(words, conv.settings, conv.cfg)
         write(f"settings: {_show_settings(conv.settings)}")
       except ValueError as e:
         write(f"error: {e}")
@@ -267,8 +270,8 @@ def load_front_end(parser: argparse.ArgumentParser, args: argparse.Namespace):
   -> (model, tokenizer, sampler settings)."""
   settings = settings_lib.sampler_settings(args)
   try:
-    settings_lib.check_settings(settings)
     checkpoint, tokenizer = settings_lib.model_paths(args.checkpoint, args.tokenizer)
+    settings_lib.check_settings(settings, layout.read_config(checkpoint))  # no weights yet
     tok = load_tokenizer(tokenizer)
     tok.apply_chat_template([])  # the chat tokens exist
   except (ValueError, FileNotFoundError) as e:

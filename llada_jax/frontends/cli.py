@@ -34,6 +34,7 @@ import tqdm
 
 from llada_jax import errors
 from llada_jax import paths
+from llada_jax.checkpoints import layout
 from llada_jax.frontends import completions
 from llada_jax.frontends import settings as settings_lib
 from llada_jax.sampling import sampler as sampling
@@ -163,8 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"--batch_size: expected a positive integer, got {args.batch_size}")
   defaults = settings_lib.sampler_settings(args)
   try:
-    settings_lib.check_settings(defaults)
     checkpoint, tokenizer = settings_lib.model_paths(args.checkpoint, args.tokenizer)
+    settings_lib.check_settings(defaults, layout.read_config(checkpoint))  # no weights yet
     tok = load_tokenizer(tokenizer)
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))

@@ -59,7 +59,7 @@ from lm_eval import utils as lm_utils
 
 from llada_jax import sharding
 from llada_jax import errors
-from llada_jax.checkpoints import loading
+from llada_jax.checkpoints import layout, loading
 from llada_jax.frontends import settings as settings_lib
 from llada_jax.sampling import likelihood
 from llada_jax.sampling import sampler as sampling
@@ -121,8 +121,6 @@ def parse_model_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
       "--batch_size", 1 if batch_size is None else batch_size, 1))
   gen = {name: convert_arg(name, args.get(name, default), default)
          for name, default in settings_lib.SAMPLER_ARGS.items()}
-  # Every check that needs no model, before any is loaded.
-  settings_lib.check_settings({**gen, "seed": out["seed"]})
   out["mc_num"] = sampling.positive_int("mc_num", out["mc_num"])
   out["mc_batch_size"] = min(sampling.positive_int("mc_batch_size", out["mc_batch_size"]),
                              out["mc_num"])
@@ -146,6 +144,8 @@ def parse_model_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
         names=("model_args: checkpoint=", "model_args: tokenizer="))
   except FileNotFoundError as e:
     raise ValueError(str(e)) from e
+  # The sampler settings by the model family's rules, before any weights are loaded.
+  settings_lib.check_settings({**gen, "seed": out["seed"]}, layout.read_config(out["checkpoint"]))
   return out, gen
 
 

@@ -38,13 +38,20 @@ from llada_jax.checkpoints import hub
 from llada_jax.sampling import block
 from llada_jax.sampling import kv_cache
 from llada_jax.sampling import sampler as sampling
+from llada_jax.sampling import settings as sampling_settings
 
-# generate's sampler arguments and their defaults, from its signature.
+# generate's sampler arguments and their defaults, from its signature; then the
+# settings only block-diffusion models take (LLaDA2.1 editing; None: the released
+# default), from block.generate's. Dense models refuse those when set.
 SAMPLER_ARGS = {
     name: p.default for name, p in inspect.signature(sampling.generate).parameters.items()
     if p.kind == p.KEYWORD_ONLY and name not in ("rng", "trace", "constraints", "return_nfe")}
+BLOCK_ARGS = {name: p.default for name, p in inspect.signature(block.generate).parameters.items()
+              if name in sampling_settings.BLOCK_OPTIONS and name != "kv_cache"}
+SAMPLER_ARGS.update(BLOCK_ARGS)
 # Flags whose default is None: their value type.
-OPTIONAL_TYPES = {"cache_refresh": int, "threshold": float, "factor": float}
+OPTIONAL_TYPES = {"cache_refresh": int, "threshold": float, "factor": float,
+                  "editing_threshold": float, "max_post_steps": int, "num_to_transfer": int}
 LINE_SETTINGS = set(SAMPLER_ARGS) | {"seed"}
 MIN_LENGTH = 16  # the shortest padded prompt
 
@@ -103,23 +110,31 @@ def model_paths(checkpoint: str, tokenizer: str | None = None,
 
 def check_settings(settings: dict[str, Any], cfg=None, prompt_len: int = 0) -> None:
   """ValueError naming the bad setting of `settings` (generate's arguments + "seed");
-  with a model config, also that a prompt of `prompt_len` tokens + gen_length fits
-  and that the model's family takes the settings (llada2: the block sampler's rules,
-  dense-only settings refused)."""
+  with a model config, also that a prompt of `prompt_len` tokens + gen_length fits.
+
+  The rules are the model family's: block-diffusion models (llada2) are checked
+  as `block.generate` checks them (dense-only settings refused), the others as
+  the dense sampler does (block settings refused). Without a config, block
+  settings mean a block model: only what needs no config is checked then.
+  """
   for name in ("logits_eos_inf", "confidence_eos_eot_inf", "stop_at_eos"):
     if not isinstance(settings[name], bool):
       raise ValueError(f"{name}: expected true or false, got {settings[name]!r}")
   if isinstance(settings["seed"], bool) or not isinstance(settings["seed"], int):
     raise ValueError(f"seed: expected an integer, got {settings['seed']!r}")
   gen = {k: v for k, v in settings.items() if k != "seed"}
-  if cfg is not None and cfg.family == "llada2":  # block diffusion: its own rules
+  options = {k: gen.pop(k, None) for k in BLOCK_ARGS}
+  if (cfg is not None and cfg.family == "llada2") or (
+      cfg is None and any(v is not None for v in options.values())):
     block.check_dense_only({k: v for k, v in gen.items() if k in block.DENSE_ONLY})
-    block.check_settings(  # a placeholder prompt: only its length matters here
-        cfg, np.full((1, max(prompt_len, 1)), -1), editing_threshold=None,
-        max_post_steps=None, num_to_transfer=None, return_nfe=False, kv_cache=True,
-        **{k: gen[k] for k in ("steps", "gen_length", "block_length", "temperature",
-                               "threshold", "stop_at_eos")})
+    if cfg is not None:
+      block.check_settings(
+          cfg, np.zeros((1, prompt_len), np.int32), **options, return_nfe=False,
+          kv_cache=True, **{k: gen[k] for k in ("steps", "gen_length", "block_length",
+                                                 "temperature", "threshold", "stop_at_eos")})
     return
+  if cfg is not None:
+    sampling_settings.refuse_block_options(cfg.family, options)
   sampling.check_settings(cfg, prompt_len, **gen)
 
 

@@ -253,12 +253,16 @@ def default_tile(rows: int, num_experts: int) -> int:
   return int(min(512, max(8, 2 ** int(math.log2(target)))))
 
 
-def resolve_impl(impl: str) -> str:
-  """"auto" -> "ragged_dot" on TPU (native grouped matmul), "tiled" elsewhere."""
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+  """"auto" -> "ragged_dot" on TPU (native grouped matmul), "tiled" elsewhere.
+
+  platform: the compile target ("tpu", "cpu", ...); None = `jax.default_backend()`
+  (an AOT compile for TPU from a CPU host passes "tpu").
+  """
   if impl not in IMPLS:
     raise ValueError(f"MoE impl={impl!r}: expected one of {IMPLS}")
   if impl == "auto":
-    return "ragged_dot" if jax.default_backend() == "tpu" else "tiled"
+    return "ragged_dot" if (platform or jax.default_backend()) == "tpu" else "tiled"
   return impl
 
 

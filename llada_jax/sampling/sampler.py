@@ -24,7 +24,8 @@ from flax import nnx
 from llada_jax.sampling import loop
 from llada_jax.sampling.common import as_key, place_batch
 from llada_jax.sampling.loop import Trace
-from llada_jax.sampling.settings import Settings, as_batch, check_settings, constraint_array
+from llada_jax.sampling.settings import (Settings, as_batch, check_settings, constraint_array,
+                                         refuse_block_options)
 # pylint: disable=unused-import  (re-exported: the front ends use them through this module)
 from llada_jax.sampling.common import positive_int
 from llada_jax.sampling.settings import REMASKING
@@ -95,9 +96,7 @@ def generate(model, prompt_ids, attention_mask=None, *, steps: int = 128,
         confidence_eos_eot_inf=confidence_eos_eot_inf, cache=cache,
         cache_refresh=cache_refresh, factor=factor, trace=trace, constraints=constraints,
         **block_options)
-  if block_options:
-    raise ValueError(f"{', '.join(block_options)}: settings of block-diffusion models "
-                     f"(llada2); {model.config.family} models do not take them")
+  refuse_block_options(model.config.family, block_options)
   args = {k: v for k, v in locals().items() if k != "block_options"}
   squeeze, settings, inputs = _prepare(model, prompt_ids, attention_mask, args)
   tokens, tr, nfe = _sample_loop_jit(*nnx.split(model), *inputs, s=settings)

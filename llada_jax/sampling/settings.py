@@ -15,6 +15,22 @@ from llada_jax.sampling.common import check_ids, positive_int
 REMASKING = ("low_confidence", "random")
 
 
+# `generate` arguments only block-diffusion sampling (`sampling/block.py`) takes.
+BLOCK_OPTIONS = ("editing_threshold", "max_post_steps", "num_to_transfer", "kv_cache")
+
+
+def refuse_block_options(family: str, options: dict) -> None:
+  """ValueError naming the settings of block-diffusion sampling given a value for a
+  model of another `family` (None = unset); TypeError for a name that is none of them."""
+  unknown = sorted(set(options) - set(BLOCK_OPTIONS))
+  if unknown:
+    raise TypeError(f"generate() got an unexpected keyword argument {unknown[0]!r}")
+  given = [name for name, value in options.items() if value is not None]
+  if given:
+    raise ValueError(f"{', '.join(given)}: settings of block-diffusion models (llada2); "
+                     f"{family} models do not take them")
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """The static (compile-time) part of a `generate` call."""

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from llada_jax import sharding
 from llada_jax.config import ModelConfig
+from llada_jax.layers import moe
 from llada_jax.training import flops as flops_lib
 from llada_jax.training import train
 
@@ -86,6 +86,12 @@ def tpu_devices(topology_name: str):
     raise RuntimeError(f"cannot describe TPU topology {topology_name!r} (is libtpu installed? "
                        f"pip install 'llada_jax[tpu]'): {e}") from e
   return desc.devices
+
+
+def for_target(model_cfg: ModelConfig, devices) -> ModelConfig:
+  """`model_cfg` with settings that depend on the backend resolved for `devices`
+  (MoE "auto" dispatch would otherwise follow this host's CPU backend)."""
+  return model_cfg.replace(moe_impl=moe.resolve_impl(model_cfg.moe_impl, devices[0].platform))
 
 
 def compile_step(cfg, model_cfg: ModelConfig, devices, compiler_options=None):
@@ -147,12 +153,16 @@ def report(cfg, slice_name: str, max_batch: bool = False) -> dict[str, Any]:
   """Memory and FLOPs of `cfg`'s train step on `slice_name` (JSON-able)."""
   topo, hbm = topology(slice_name)
   devices = tpu_devices(topo)
-  model_cfg = ModelConfig.from_dict({**dict(cfg.model), "param_dtype": "float32"})
+  model_cfg = for_target(ModelConfig.from_dict({**dict(cfg.model), "param_dtype": "float32"}),
+                         devices)
   t0 = time.time()
   ok, mem = fits(cfg, model_cfg, devices, hbm)
+  mesh = train.make_mesh(cfg, devices)
   out: dict[str, Any] = {"slice": slice_name, "topology": topo, "chips": len(devices),
+                         "mesh": dict(mesh.shape), "remat_policy": model_cfg.remat_policy,
                          "hbm_gib": hbm / GIB, "batch_size": cfg.batch_size,
-                         "seq_len": cfg.seq_len, "fits": ok, "compile_s": time.time() - t0}
+                         "seq_len": cfg.seq_len, "fits": ok, "compile_s": time.time() - t0,
+                         **({"moe_impl": model_cfg.moe_impl} if model_cfg.num_experts else {})}
   out.update(mem if isinstance(mem, dict) else {"error": mem})
   model_flops = flops_lib.flops_per_token(model_cfg, cfg.seq_len) * cfg.batch_size * cfg.seq_len
   compiled_flops = step_flops(cfg, model_cfg, devices)
