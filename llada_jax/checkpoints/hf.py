@@ -15,7 +15,6 @@ files only through `torch.load(weights_only=True)` when torch is installed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os

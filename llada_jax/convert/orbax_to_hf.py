@@ -13,7 +13,6 @@ checked against its digest and for NaN / Inf (refused unless --allow_nonfinite).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from llada_jax import paths

@@ -35,7 +35,6 @@ would add a dependency without adding throughput.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import http.server
 import json

@@ -19,10 +19,8 @@ same arithmetic, every loop gone.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import sys
 import time
 from typing import Any
 
