@@ -12,7 +12,8 @@ def test_sampler_flags_carry_generate_names():
   assert set(settings.SAMPLER_ARGS) == {
       "steps", "gen_length", "block_length", "temperature", "cfg_scale", "remasking",
       "logits_eos_inf", "confidence_eos_eot_inf", "cache", "cache_refresh", "threshold",
-      "factor", "stop_at_eos"}
+      "factor", "stop_at_eos",
+      "editing_threshold", "max_post_steps", "num_to_transfer"}  # LLaDA2.1's block sampler
   parser = argparse.ArgumentParser()
   settings.add_sampler_flags(parser)
   args = parser.parse_args(["--temperature", "0.5", "--logits_eos_inf", "--seed", "3"])

@@ -64,7 +64,10 @@ def _splash_kernel(num_heads: int, q_len: int, kv_len: int, interpret: bool,
   full = (sm.FullMask((q_len, kv_len)) if block_length is None
           else masks.splash_mask(q_len, kv_len, block_length))
   mask = sm.MultiHeadMask([full] * num_heads)
-  return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+  # Concrete mask tables even when first built inside a trace (shard_map, jit): the
+  # kernel is cached and reused by later traces.
+  with jax.ensure_compile_time_eval():
+    return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
