@@ -59,9 +59,10 @@ def is_test(digits: str) -> bool:
   return int(hashlib.md5(digits.encode()).hexdigest(), 16) % 10 == 0
 
 
-def make_task(out_dir: str, num_train: int = 200_000, num_test: int = 1000, seed: int = 0
-              ) -> dict[str, str]:
-  """Writes train/test JSONL ({"prompt", "response"}) and a SentencePiece tokenizer."""
+def make_task(out_dir: str, num_train: int = 200_000, num_test: int = 1000, seed: int = 0,
+              lengths: tuple[int, int] = (6, 10)) -> dict[str, str]:
+  """Writes train/test JSONL ({"prompt", "response"}: sort `lengths[0]`…`lengths[1]`
+  digits) and a SentencePiece tokenizer."""
   paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in ("train", "test")}
   paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
   if all(os.path.exists(p) for p in paths.values()):
@@ -70,7 +71,7 @@ def make_task(out_dir: str, num_train: int = 200_000, num_test: int = 1000, seed
   rng = random.Random(seed)
   split = {"train": [], "test": []}
   while len(split["train"]) < num_train or len(split["test"]) < num_test:
-    digits = "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(6, 10)))
+    digits = "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(*lengths)))
     split["test" if is_test(digits) else "train"].append(
         {"prompt": digits, "response": "".join(sorted(digits))})
   corpus = os.path.join(out_dir, "corpus.txt")

@@ -52,31 +52,9 @@ def _define_flags():
   flags.DEFINE_string("output", None, "Also write the JSON here.")
 
 
-def make_task(out_dir: str, num_train: int = 20_000, num_test: int = 500, seed: int = 0
-              ) -> dict[str, str]:
-  """train/test JSONL ({"prompt", "response"}) and a SentencePiece tokenizer."""
-  paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in ("train", "test")}
-  paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
-  if all(os.path.exists(p) for p in paths.values()):
-    return paths
-  os.makedirs(out_dir, exist_ok=True)
-  rng = random.Random(seed)
-  split = {"train": [], "test": []}
-  while len(split["train"]) < num_train or len(split["test"]) < num_test:
-    digits = "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(4, 6)))
-    split["test" if fast_sampling.is_test(digits) else "train"].append(
-        {"prompt": digits, "response": "".join(sorted(digits))})
-  corpus = os.path.join(out_dir, "corpus.txt")
-  with open(corpus, "w") as f:
-    f.write("user\nassistant\n")
-    for rec in split["train"]:
-      f.write(f"{rec['prompt']}\n{rec['response']}\n")
-  tokenizer_lib.train([corpus], 300, paths["tokenizer"])
-  for name, limit in (("train", num_train), ("test", num_test)):
-    with open(paths[name], "w") as f:
-      for rec in split[name][:limit]:
-        f.write(json.dumps(rec) + "\n")
-  return paths
+def make_task(out_dir: str) -> dict[str, str]:
+  """fast_sampling's sorting task with 4–6 digits (train/test JSONL and a tokenizer)."""
+  return fast_sampling.make_task(out_dir, num_train=20_000, num_test=500, lengths=(4, 6))
 
 
 def answers(model, tok, records) -> list[str]:
