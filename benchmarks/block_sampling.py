@@ -87,10 +87,16 @@ def main(argv):
                FLAGS.prompt_len, FLAGS.repeats)
   common.write_json(result, FLAGS.output)
   for r in result["results"]:
-    print(f"batch {r['batch']}: cached {r['cached']['tokens_per_s']:.1f} tok/s "
+    print(summary(r))
+
+
+def summary(r: dict) -> str:
+  """One result row as a line: the median rates, model calls, speedup of the medians."""
+  return (f"batch {r['batch']}: cached {r['cached']['tokens_per_s']['median']:.1f} tok/s "
           f"({r['cached']['model_calls']} calls), recompute "
-          f"{r['recompute']['tokens_per_s']:.1f} tok/s ({r['recompute']['model_calls']} calls),"
-          f" x{r['speedup']:.2f}, same tokens: {r['same_tokens']}")
+          f"{r['recompute']['tokens_per_s']['median']:.1f} tok/s "
+          f"({r['recompute']['model_calls']} calls), x{r['speedup']:.2f} (medians), "
+          f"same tokens: {r['same_tokens']}")
 
 
 if __name__ == "__main__":

@@ -78,3 +78,16 @@ def test_vrpo_e2e_pairs_prefer_the_right_answer():
   assert pairs[0]["chosen"] == "1123" and sorted(pairs[0]["rejected"]) == sorted("1123")
   assert pairs[0]["rejected"] != "1123"
   assert pairs[1] == {"prompt": "90", "chosen": "09", "rejected": "9"}  # the model's mistake
+
+
+def test_block_sampling_summary_prints_the_median_rates():
+  """The row as `block_sampling.run` builds it (rates are min / median / max dicts)."""
+  from benchmarks import block_sampling, common  # pylint: disable=g-import-not-at-top
+  seconds = {"min": 1.0, "median": 2.0, "max": 4.0}
+  side = {"seconds": seconds, "tokens_per_s": common.per_second(64, seconds),
+          "model_calls": 8, "tokens_per_model_call": 8.0}
+  row = {"batch": 1, "cached": side, "recompute": {**side, "model_calls": 9}, "speedup": 1.5,
+         "same_tokens": True}
+  assert block_sampling.summary(row) == (
+      "batch 1: cached 32.0 tok/s (8 calls), recompute 32.0 tok/s (9 calls), x1.50 (medians), "
+      "same tokens: True")

@@ -119,3 +119,21 @@ def test_chat_later_turns_extend_the_llada2_template(model_dir):
   conv.history = tok.apply_chat_template([first]) + tok.encode("Four.<|role_end|>")
   assert conv.prompt_for("Be brief.") == tok.apply_chat_template(
       [first, {"role": "assistant", "content": "Four."}, {"role": "user", "content": "Be brief."}])
+
+
+def test_front_ends_default_to_the_model_familys_sampler(model_dir, fixture_dir):
+  """Unset steps / block_length / threshold: LLaDA2's generate's for a block model, the
+  front end's dense defaults otherwise (lm-eval: generate's; chat: the reference chat's)."""
+  evaluate = pytest.importorskip("llada_jax.frontends.evaluate")
+  block = {"steps": 32, "block_length": 32, "threshold": 0.95}
+  pick = lambda settings: {k: settings[k] for k in block}
+  assert pick(evaluate.parse_model_args({"checkpoint": model_dir})[1]) == block
+  assert pick(evaluate.parse_model_args({"checkpoint": fixture_dir})[1]) == {
+      "steps": 128, "block_length": 128, "threshold": None}
+  assert evaluate.parse_model_args({"checkpoint": model_dir, "block_length": 16}
+                                   )[1]["block_length"] == 16
+  parser = chat.front_end_parser("chat", "")
+  for directory, want in ((model_dir, block),
+                          (fixture_dir, {"steps": 128, "block_length": 32, "threshold": None})):
+    _, _, got = chat.load_front_end(parser, parser.parse_args(["--checkpoint", directory]))
+    assert pick(got) == want and got["gen_length"] == 128

@@ -19,8 +19,15 @@ def test_sampler_flags_carry_generate_names():
   args = parser.parse_args(["--temperature", "0.5", "--logits_eos_inf", "--seed", "3"])
   got = settings.sampler_settings(args)
   assert got["temperature"] == 0.5 and got["logits_eos_inf"] is True
-  assert got["seed"] == 3 and got["steps"] == 128
+  assert got["seed"] == 3 and got["steps"] is None and got["block_length"] is None
   assert got["cache"] == "none" and got["threshold"] is None
+  # unset: the model family's defaults (dense: generate's; llada2: the released ones)
+  assert {k: settings.with_family_defaults(got, "llada")[k] for k in settings.FAMILY_SETTINGS
+          } == {"steps": 128, "block_length": 128, "threshold": None}
+  assert {k: settings.with_family_defaults(got, "llada2")[k] for k in settings.FAMILY_SETTINGS
+          } == {"steps": 32, "block_length": 32, "threshold": 0.95}
+  given = settings.sampler_settings(parser.parse_args(["--block_length", "16"]))
+  assert settings.with_family_defaults(given, "llada2")["block_length"] == 16
   fast = settings.sampler_settings(parser.parse_args(
       ["--cache", "dual", "--cache_refresh", "4", "--threshold", "0.9", "--stop_at_eos"]))
   assert (fast["cache"], fast["cache_refresh"], fast["threshold"], fast["factor"],

@@ -5,7 +5,8 @@
 Each user turn is rendered with the chat template; later turns drop their
 leading BOS and are appended to the history, which is the previous prompt plus
 answer with every EOS removed (EoT kept). Chat defaults as the reference:
-gen_length = steps = 128, block_length 32; the sampler flags every front end
+gen_length = steps = 128, block_length 32 (block-diffusion models: steps and
+block_length 32, threshold 0.95, LLaDA2's generate's); the sampler flags every front end
 has (`settings.add_sampler_flags`) change them, and so does `/set` between
 turns. Commands: /set name=value ..., /settings, /reset, /quit, /help. The
 answer is printed as its blocks commit (`generate_stream`: one compiled call a
@@ -256,22 +257,26 @@ def run(conv: Conversation, read=input, write=print, write_partial=_write_out) -
 
 
 def front_end_parser(prog: str, description: str) -> argparse.ArgumentParser:
-  """A parser with the model flags and the sampler flags at the chat defaults."""
+  """A parser with the model flags and the sampler flags at the chat defaults (the
+  model family's for FAMILY_SETTINGS, filled by `load_front_end`)."""
   parser = argparse.ArgumentParser(prog=prog, description=description,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   settings_lib.add_model_flags(parser)
   settings_lib.add_sampler_flags(parser)
-  parser.set_defaults(**CHAT_DEFAULTS)
+  parser.set_defaults(**{k: v for k, v in CHAT_DEFAULTS.items()
+                          if k not in settings_lib.FAMILY_SETTINGS})  # those: load_front_end
   return parser
 
 
 def load_front_end(parser: argparse.ArgumentParser, args: argparse.Namespace):
   """Checks the flags (parser.error on bad ones) before loading anything heavy
   -> (model, tokenizer, sampler settings)."""
-  settings = settings_lib.sampler_settings(args)
   try:
     checkpoint, tokenizer = settings_lib.model_paths(args.checkpoint, args.tokenizer)
-    settings_lib.check_settings(settings, layout.read_config(checkpoint))  # no weights yet
+    cfg = layout.read_config(checkpoint)  # no weights yet
+    settings = settings_lib.with_family_defaults(settings_lib.sampler_settings(args),
+                                                 cfg.family, dense=CHAT_DEFAULTS)
+    settings_lib.check_settings(settings, cfg)
     tok = load_tokenizer(tokenizer)
     tok.apply_chat_template([])  # the chat tokens exist
   except (ValueError, FileNotFoundError) as e:

@@ -9,7 +9,8 @@ Sampler flags carry `generate`'s argument names (--steps --gen_length
 --block_length --temperature --cfg_scale --remasking --logits_eos_inf
 --confidence_eos_eot_inf, and the fast-sampling --cache --cache_refresh
 --threshold --factor --stop_at_eos) plus --seed, from `llada_jax.frontends.settings`
-as in every front end. Input lines are {"prompt": "..."} (chat-templated with
+as in every front end; unset --steps / --block_length / --threshold take the model
+family's defaults (dense: generate's; LLaDA2: 32, 32, 0.95). Input lines are {"prompt": "..."} (chat-templated with
 --chat) or {"messages": [{"role": ..., "content": ...}, ...]} (always
 chat-templated), optionally with per-line sampler settings under the same
 names. Same-settings prompts are sorted by length and left-padded into
@@ -162,10 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       parser.error(str(e))
   if args.batch_size < 1:
     parser.error(f"--batch_size: expected a positive integer, got {args.batch_size}")
-  defaults = settings_lib.sampler_settings(args)
   try:
     checkpoint, tokenizer = settings_lib.model_paths(args.checkpoint, args.tokenizer)
-    settings_lib.check_settings(defaults, layout.read_config(checkpoint))  # no weights yet
+    cfg = layout.read_config(checkpoint)  # no weights yet
+    defaults = settings_lib.with_family_defaults(settings_lib.sampler_settings(args), cfg.family)
+    settings_lib.check_settings(defaults, cfg)
     tok = load_tokenizer(tokenizer)
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))

@@ -20,7 +20,8 @@ samples and mini-batch), `cfg` (likelihood guidance scale), `seed`,
 two, and its rows to a power of two, so that a task compiles few programs;
 `longest`: to its longest request and its own row count), and every
 `llada_jax.generate` setting under its own name (steps, gen_length,
-block_length, temperature, cfg_scale, remasking, logits_eos_inf, ...). lm-eval's
+block_length, temperature, cfg_scale, remasking, logits_eos_inf, ...; unset steps,
+block_length and threshold at the model family's defaults, `settings.family_defaults`). lm-eval's
 `--batch_size` is the number of requests scored or generated together.
 
 - `loglikelihood`: the unbiased Monte Carlo ELBO of `llada_jax.log_likelihood`.
@@ -119,8 +120,9 @@ def parse_model_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
                      f"requests per batch")
   out["batch_size"] = sampling.positive_int("--batch_size", convert_arg(
       "--batch_size", 1 if batch_size is None else batch_size, 1))
-  gen = {name: convert_arg(name, args.get(name, default), default)
-         for name, default in settings_lib.SAMPLER_ARGS.items()}
+  gen = {name: convert_arg(name, args.get(name, default), default)  # family's: filled below
+         for name, default in settings_lib.SAMPLER_ARGS.items()
+         if name in args or name not in settings_lib.FAMILY_SETTINGS}
   out["mc_num"] = sampling.positive_int("mc_num", out["mc_num"])
   out["mc_batch_size"] = min(sampling.positive_int("mc_batch_size", out["mc_batch_size"]),
                              out["mc_num"])
@@ -145,7 +147,9 @@ def parse_model_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
   except FileNotFoundError as e:
     raise ValueError(str(e)) from e
   # The sampler settings by the model family's rules, before any weights are loaded.
-  settings_lib.check_settings({**gen, "seed": out["seed"]}, layout.read_config(out["checkpoint"]))
+  cfg = layout.read_config(out["checkpoint"])
+  gen = settings_lib.with_family_defaults(gen, cfg.family)
+  settings_lib.check_settings({**gen, "seed": out["seed"]}, cfg)
   return out, gen
 
 

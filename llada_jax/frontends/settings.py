@@ -4,6 +4,10 @@ into few shapes.
 
 Sampler flags carry `generate`'s argument names and defaults (taken from its
 signature, so a new sampler setting becomes a flag everywhere) plus --seed.
+The defaults of `FAMILY_SETTINGS` (steps, block_length, threshold) are the
+model family's: unset (None) until the model's config is read, then
+`with_family_defaults` fills them (dense: generate's or the front end's own;
+block diffusion: the released LLaDA2 generate's, `block.DEFAULTS`).
 
 Buckets. `jax.jit` compiles one program per prompt length and batch size, so
 front ends pad prompts (left, masked: padding changes no token and no draw)
@@ -53,6 +57,8 @@ SAMPLER_ARGS.update(BLOCK_ARGS)
 OPTIONAL_TYPES = {"cache_refresh": int, "threshold": float, "factor": float,
                   "editing_threshold": float, "max_post_steps": int, "num_to_transfer": int}
 LINE_SETTINGS = set(SAMPLER_ARGS) | {"seed"}
+# Settings whose default depends on the model family (`family_defaults`).
+FAMILY_SETTINGS = ("steps", "block_length", "threshold")
 MIN_LENGTH = 16  # the shortest padded prompt
 
 
@@ -66,6 +72,10 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
       group.add_argument(f"--{name}", default=default, choices=sampling.REMASKING)
     elif name == "cache":
       group.add_argument(f"--{name}", default=default, choices=kv_cache.CACHES)
+    elif name in FAMILY_SETTINGS:
+      group.add_argument(f"--{name}", type=OPTIONAL_TYPES.get(name, type(default)), default=None,
+                         help="default: the model family's (dense: "
+                         f"{default}; llada2: {block.DEFAULTS[name]})")
     elif default is None:
       group.add_argument(f"--{name}", type=OPTIONAL_TYPES[name], default=None)
     else:
@@ -76,6 +86,21 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
 def sampler_settings(args: argparse.Namespace) -> dict[str, Any]:
   """The sampler flags as a dict: generate's keyword arguments plus "seed"."""
   return {name: getattr(args, name) for name in LINE_SETTINGS}
+
+
+def family_defaults(family: str, dense: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The defaults of FAMILY_SETTINGS for a model `family`: the released block-diffusion
+  ones (`block.DEFAULTS`) for llada2, else `dense` (a front end's own) over generate's."""
+  source = block.DEFAULTS if family == "llada2" else {**SAMPLER_ARGS, **(dense or {})}
+  return {name: source[name] for name in FAMILY_SETTINGS}
+
+
+def with_family_defaults(settings: dict[str, Any], family: str,
+                         dense: dict[str, Any] | None = None) -> dict[str, Any]:
+  """A copy of `settings` with each unset (None or absent) FAMILY_SETTINGS value at
+  `family_defaults(family, dense)`."""
+  defaults = family_defaults(family, dense)
+  return {**settings, **{k: v for k, v in defaults.items() if settings.get(k) is None}}
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -124,8 +149,10 @@ def check_settings(settings: dict[str, Any], cfg=None, prompt_len: int = 0) -> N
     raise ValueError(f"seed: expected an integer, got {settings['seed']!r}")
   gen = {k: v for k, v in settings.items() if k != "seed"}
   options = {k: gen.pop(k, None) for k in BLOCK_ARGS}
-  if (cfg is not None and cfg.family == "llada2") or (
-      cfg is None and any(v is not None for v in options.values())):
+  is_block = (cfg is not None and cfg.family == "llada2") or (
+      cfg is None and any(v is not None for v in options.values()))
+  gen = with_family_defaults(gen, "llada2" if is_block else "llada")
+  if is_block:
     block.check_dense_only({k: v for k, v in gen.items() if k in block.DENSE_ONLY})
     if cfg is not None:
       block.check_settings(
