@@ -17,7 +17,9 @@ from llada_jax import models
 from llada_jax.checkpoints import hf as hf_checkpoint
 from llada_jax.checkpoints import layout
 from llada_jax.convert import hf_to_orbax, orbax_to_hf
+from llada_jax.frontends import chat
 from llada_jax.layers import moe as moe_lib
+from llada_jax.sampling import sampler as sampling
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "llada2_tiny"
 MASK_ID, EOS_ID = 995, 992  # the fixture README's ids (config.json has pad = eos only)
@@ -185,6 +187,21 @@ def test_block_cache_equals_recomputing_the_canvas(sampler_model, batch):
   assert nfe == nfe_full + 1  # + the prefill of the prompt blocks
 
 
+def test_stream_yields_each_block_and_ends_with_generates_tokens(sampler_model, batch):
+  """generate_stream: a canvas per decoded block (blocks 0..3 and 6..8 of the batch;
+  4, 5 decode nothing), committed tokens never change, the last is generate's output."""
+  kw = dict(gen_length=16, block_length=8, editing_threshold=0.5, max_post_steps=2,
+            temperature=0.8, rng=3, return_nfe=True)
+  want, nfe = llada_jax.generate(sampler_model, *batch, **kw)
+  outs = list(sampling.generate_stream(sampler_model, *batch, **kw))
+  assert len(outs) == 7 and outs[-1][1] == nfe
+  np.testing.assert_array_equal(outs[-1][0], want)
+  masks = [int((out == MASK_ID).sum()) for out, _ in outs]
+  assert masks == sorted(masks, reverse=True) and masks[-1] == 0 < masks[-2]
+  for out, _ in outs:
+    np.testing.assert_array_equal(np.where(out == MASK_ID, want, out), want)
+
+
 def test_stop_at_eos_skips_blocks_and_keeps_the_tokens(ref):
   """EOS := a token case 0 generates in block 1: output cut there (EOS after), and
   stop_at_eos skips block 2 (8 model calls) without changing any token."""
@@ -209,8 +226,11 @@ def test_stop_at_eos_skips_blocks_and_keeps_the_tokens(ref):
     ({"prompt_ids": [[5, MASK_ID, 7]]}, "prompt_ids")])
 def test_bad_settings_are_refused_before_compiling(model, ref, changes, name):
   args = {"prompt_ids": ref["gen_prompt_ids"], "gen_length": 16, "block_length": 8, **changes}
-  with pytest.raises(ValueError, match=name):
-    llada_jax.generate(model, **args)
+  with chat.count_compiles() as compiles:
+    for run in (llada_jax.generate, sampling.generate_stream):  # the stream: when called
+      with pytest.raises(ValueError, match=name):
+        run(model, **args)
+  assert not compiles
 
 
 def test_dense_models_refuse_block_settings():

@@ -31,8 +31,10 @@ cache is tested against).
 Batches: row b's prompt (left-padded with `attention_mask`) is placed at
 position 0 of its own canvas, so every row decodes exactly what it would
 alone; rows run block by block in lockstep, a row without masks in a block
-idles. Everything is one jitted program (`lax.while_loop`s over blocks and
+idles. `generate` is one jitted program (`lax.while_loop`s over blocks and
 iterations, static shapes); compiled once per (batch, prompt width, settings).
+`generate_stream` runs the same loop body one jitted call per block, the state
+(canvas, KV cache, NFE) carried between calls, and yields after every block.
 
 Outputs follow `sampler.generate`: [B, P + gen_length] with the prompt as
 given; generated positions after a row's first EOS are EOS (the official
@@ -44,7 +46,8 @@ NFE = model calls (the prefill counts one).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+import inspect
+from typing import Any, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -151,12 +154,19 @@ def quota(block_length: int, steps, i):
   return block_length // steps + (i < block_length % steps).astype(jnp.int32)
 
 
-def _run(graphdef, state, x_BS, fixed_BS, len_B, rng, kn: Knobs, s: BlockSettings):
-  """The whole sampler -> (final canvas [B, S], NFE)."""
-  model = nnx.merge(graphdef, state)
+class _Blocks(NamedTuple):
+  """The block loop's state."""
+  k: jax.Array  # int32: the next block
+  c: _Carry
+  stopped_B: jax.Array  # bool: rows done (stop_at_eos)
+
+
+def _loop_parts(model, fixed_BS, len_B, rng, kn: Knobs, s: BlockSettings):
+  """(block_body, block_cond) of the loop over blocks: body decodes block k (when a
+  live row has a mask there) and moves on; cond says whether block k is still due."""
   cfg = model.config
   mask_id, eos_id, bl = cfg.mask_token_id, cfg.eos_token_id, s.block_length
-  B = x_BS.shape[0]
+  B = fixed_BS.shape[0]
   pos_S = jnp.arange(s.canvas, dtype=jnp.int32)
   end_B = -(-(len_B + s.gen_length) // bl) * bl  # each row's canvas end (whole blocks)
 
@@ -202,29 +212,49 @@ def _run(graphdef, state, x_BS, fixed_BS, len_B, rng, kn: Knobs, s: BlockSetting
     no_mask_B = ~kn.editing | ~jnp.any((x_BS == mask_id) & gen_BS, axis=1)
     return kn.stop_at_eos & no_mask_B & jnp.any((x_BS == eos_id) & gen_BS, axis=1)
 
-  def block_body(kc):
-    k, c, stopped_B = kc
+  def block_body(st: _Blocks) -> _Blocks:
+    k, c, stopped_B = st
     live_B = ~stopped_B
     run = jnp.any((block_of(c.x_BS, k) == mask_id) & live_B[:, None])
     c = jax.lax.cond(run, lambda c: decode_block(c, k, live_B), lambda c: c, c)
-    return k + 1, c, stopped_B | stopped_after(c.x_BS, k)
+    return _Blocks(k + 1, c, stopped_B | stopped_after(c.x_BS, k))
 
-  def block_cond(kc):
-    k, _, stopped_B = kc
-    return (k < s.num_blocks) & jnp.any(~stopped_B & (k * bl < end_B))
+  def block_cond(st: _Blocks):
+    return (st.k < s.num_blocks) & jnp.any(~st.stopped_B & (st.k * bl < end_B))
 
+  return block_body, block_cond
+
+
+def _start(graphdef, state, x_BS, s: BlockSettings) -> _Blocks:
+  """The loop's first state: block 0 next, the whole prompt blocks in the cache."""
+  model = nnx.merge(graphdef, state)
   cache, nfe = None, jnp.int32(0)
   if s.kv_cache:
-    cache = kv_cache_lib.empty_cache(cfg, B, s.canvas)
+    cache = kv_cache_lib.empty_cache(model.config, x_BS.shape[0], s.canvas)
     if s.prefill:
-      _, cache = model.forward_window(x_BS[:, :s.prefill], 0, cache, block_length=bl)
+      _, cache = model.forward_window(x_BS[:, :s.prefill], 0, cache, block_length=s.block_length)
       nfe = jnp.int32(1)
-  kc = (jnp.int32(0), _Carry(x_BS, cache, nfe), jnp.zeros((B,), bool))
-  _, c, _ = jax.lax.while_loop(block_cond, block_body, kc)
+  return _Blocks(jnp.int32(0), _Carry(x_BS, cache, nfe), jnp.zeros((x_BS.shape[0],), bool))
+
+
+def _run(graphdef, state, x_BS, fixed_BS, len_B, rng, kn: Knobs, s: BlockSettings):
+  """The whole sampler -> (final canvas [B, S], NFE)."""
+  body, cond = _loop_parts(nnx.merge(graphdef, state), fixed_BS, len_B, rng, kn, s)
+  c = jax.lax.while_loop(cond, body, _start(graphdef, state, x_BS, s)).c
   return c.x_BS, c.nfe
 
 
+def _run_block(graphdef, state, st: _Blocks, fixed_BS, len_B, rng, kn: Knobs,
+               s: BlockSettings) -> tuple[_Blocks, jax.Array]:
+  """One turn of `_run`'s loop (block st.k, due) -> (the next state, another block due?)."""
+  body, cond = _loop_parts(nnx.merge(graphdef, state), fixed_BS, len_B, rng, kn, s)
+  st = body(st)
+  return st, cond(st)
+
+
 _run_jit = jax.jit(_run, static_argnames=("s",))
+_start_jit = jax.jit(_start, static_argnames=("s",))
+_run_block_jit = jax.jit(_run_block, static_argnames=("s",))
 
 
 def _finite(name: str, value, minimum: float = 0.0) -> float:
@@ -372,23 +402,70 @@ def generate(model, prompt_ids, attention_mask=None, *, steps: int = DEFAULTS["s
     int32 [B, P + gen_length] ([P + gen_length] for a 1-D prompt), the prompt
     included, and the NFE (int) with return_nfe=True.
   """
+  squeeze, prompt_BP, len_B, s, knobs, inputs = _prepare(
+      model, prompt_ids, attention_mask, dense_only, steps=steps, gen_length=gen_length,
+      block_length=block_length, temperature=temperature, threshold=threshold,
+      editing_threshold=editing_threshold, max_post_steps=max_post_steps,
+      num_to_transfer=num_to_transfer, stop_at_eos=stop_at_eos, return_nfe=return_nfe,
+      kv_cache=kv_cache, rng=rng)
+  graphdef, state = nnx.split(model)
+  x_BS, nfe = _run_jit(graphdef, state, *inputs, knobs, s=s)
+  tokens = _output(prompt_BP, np.asarray(x_BS), len_B, s.gen_length, model.config.eos_token_id)
+  return _returned(jnp.asarray(tokens), nfe, squeeze, return_nfe)
+
+
+def generate_stream(model, prompt_ids, attention_mask=None, **kwargs) -> Iterator[Any]:
+  """`generate`, a block at a time: yields the output after every decoded block.
+
+  Arguments: `generate`'s (names and defaults), checked when called, before any
+  block runs. The prefill is one jitted call and each block another (the loop
+  body of `generate`'s program, the KV cache carried between calls; compiled once
+  per shapes and settings, whatever the block), so the tokens are `generate`'s and
+  the last output yielded is its output. With stop_at_eos the stream ends after
+  the block where every row has stopped.
+
+  Yields:
+    numpy int32 [B, P + gen_length] ([P + gen_length] for a 1-D prompt): the
+    prompt, the blocks decoded so far, MASK after them (EOS after a row's first
+    EOS, as `generate`'s output); with return_nfe=True, (that, model calls so far).
+  """
+  bound = inspect.signature(generate).bind(model, prompt_ids, attention_mask, **kwargs)
+  bound.apply_defaults()
+  args = {k: v for k, v in bound.arguments.items()
+          if k not in ("model", "prompt_ids", "attention_mask", "dense_only", "rng")}
+  squeeze, prompt_BP, len_B, s, knobs, (x_BS, *inputs) = _prepare(
+      model, prompt_ids, attention_mask, bound.arguments["dense_only"], rng=bound.arguments["rng"],
+      **args)
+  graphdef, state = nnx.split(model)
+  eos_id = model.config.eos_token_id
+
+  def blocks():
+    st, more = _start_jit(graphdef, state, x_BS, s=s), True
+    while more:
+      nfe_before = int(st.c.nfe)
+      st, more = _run_block_jit(graphdef, state, st, *inputs, knobs, s=s)
+      if int(st.c.nfe) > nfe_before or not more:  # a block decoded, or the end
+        tokens = _output(prompt_BP, np.asarray(st.c.x_BS), len_B, s.gen_length, eos_id)
+        yield _returned(tokens, st.c.nfe, squeeze, args["return_nfe"])
+
+  return blocks()
+
+
+def _prepare(model, prompt_ids, attention_mask, dense_only: dict, rng=None, **settings):
+  """Checks a call's arguments -> (1-D prompt?, prompt [B, P], prompt lengths [B],
+  BlockSettings, Knobs, the program's array inputs: canvas, fixed, lengths, key)."""
   check_dense_only(dense_only)
   cfg = model.config
-  squeeze = np.ndim(prompt_ids) == 1
-  prompt_BP, attn_BP = dense.as_batch(model, prompt_ids, attention_mask)  # pylint: disable=protected-access
+  prompt_BP, attn_BP = dense.as_batch(model, prompt_ids, attention_mask)
   len_B = prompt_lengths(prompt_BP, attn_BP)
-  s, knobs = check_settings(
-      cfg, prompt_BP, steps=steps, gen_length=gen_length, block_length=block_length,
-      temperature=temperature, threshold=threshold, editing_threshold=editing_threshold,
-      max_post_steps=max_post_steps, num_to_transfer=num_to_transfer,
-      stop_at_eos=stop_at_eos, return_nfe=return_nfe, kv_cache=kv_cache)
+  s, knobs = check_settings(cfg, prompt_BP, **settings)
   x_BS, fixed_BS = _canvas(cfg, prompt_BP, len_B, s)
-  graphdef, state = nnx.split(model)
-  x_BS, nfe = _run_jit(graphdef, state, dense.place_batch(model, x_BS),
-                       dense.place_batch(model, fixed_BS), dense.place_batch(model, len_B),
-                       dense.as_key(rng), knobs, s=s)
-  tokens = jnp.asarray(_output(prompt_BP, np.asarray(x_BS), len_B, s.gen_length,
-                               cfg.eos_token_id))
-  if squeeze:
-    tokens = tokens[0]
+  inputs = (dense.place_batch(model, x_BS), dense.place_batch(model, fixed_BS),
+            dense.place_batch(model, len_B), dense.as_key(rng))
+  return np.ndim(prompt_ids) == 1, prompt_BP, len_B, s, knobs, inputs
+
+
+def _returned(tokens_BT, nfe, squeeze: bool, return_nfe: bool):
+  """generate's return value: tokens (the batch axis dropped if squeeze), (NFE)."""
+  tokens = tokens_BT[0] if squeeze else tokens_BT
   return (tokens, int(nfe)) if return_nfe else tokens

@@ -112,9 +112,9 @@ def generate_stream(model, prompt_ids, attention_mask=None, **kwargs) -> Iterato
   host sees every block; the tokens are those of `generate` with the same
   arguments, and the last canvas yielded is its output. With stop_at_eos the
   stream ends after the block where every row has stopped (that canvas has the
-  remaining blocks filled with EOS). Block-diffusion models (llada2) decode all
-  their blocks in one compiled loop (`block.py`): their stream yields `generate`'s
-  output once.
+  remaining blocks filled with EOS). Block-diffusion models (llada2) stream
+  `block.generate_stream` with the arguments `generate` gives `block.generate`:
+  a canvas per decoded block (no trace; the NFE as `generate`'s).
 
   Yields:
     numpy int32 [B, Lp + gen_length] ([Lp + gen_length] for a 1-D prompt): the
@@ -122,13 +122,13 @@ def generate_stream(model, prompt_ids, attention_mask=None, **kwargs) -> Iterato
     `Trace` of the steps so far, numpy); with return_nfe=True, the model calls
     so far (int) last, as `generate` returns them.
   """
-  if model.config.family == "llada2":
-    out = generate(model, prompt_ids, attention_mask, **kwargs)  # checked before yielding
-    out = (np.asarray(out[0]), *out[1:]) if isinstance(out, tuple) else np.asarray(out)
-    return iter([out])
   bound = inspect.signature(generate).bind(model, prompt_ids, attention_mask, **kwargs)
   bound.apply_defaults()
   args = bound.arguments
+  if model.config.family == "llada2":  # block diffusion, generate's defaults
+    from llada_jax.sampling import block  # pylint: disable=g-import-not-at-top
+    return block.generate_stream(**{k: v for k, v in args.items() if k != "block_options"},
+                                 **args["block_options"])
   trace, return_nfe = args["trace"], args["return_nfe"]
   squeeze, settings, inputs = _prepare(model, prompt_ids, attention_mask, args)
   graphdef, state = nnx.split(model)
