@@ -39,21 +39,30 @@ def xla_attention(q_BLNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   `mask_BS` (1 = real key, 0 = padding) gives padded keys the float32 minimum
   as score; padded queries still produce (ignored) outputs. A [B, L, S] mask
   is per query (block-causal, `layers.masks`). -> [B, L, N, H].
+
+  Heads-major layout, q scaled before the scores and the softmax's division
+  applied to the [.., L, H] output rather than the [.., L, S] probabilities:
+  the same function, with two fewer passes over the scores (about twice as
+  fast on CPU at small head counts, `benchmarks/forward.py`).
   """
   B, L, N, H = q_BLNH.shape
   K = k_BSKH.shape[2]
-  q_BLKGH = q_BLNH.reshape(B, L, K, N // K, H)
-  scores_BKGLS = jnp.einsum("blkgh,bskh->bkgls", q_BLKGH, k_BSKH,
+  q_BLKGH = (q_BLNH * (1.0 / jnp.sqrt(jnp.float32(H))).astype(q_BLNH.dtype)).reshape(
+      B, L, K, N // K, H)
+  q_BKGLH = jnp.transpose(q_BLKGH, (0, 2, 3, 1, 4))
+  k_BKSH, v_BKSH = jnp.swapaxes(k_BSKH, 1, 2), jnp.swapaxes(v_BSKH, 1, 2)
+  scores_BKGLS = jnp.einsum("bkglh,bksh->bkgls", q_BKGLH, k_BKSH,
                             preferred_element_type=jnp.float32)
-  scores_BKGLS = scores_BKGLS * (1.0 / jnp.sqrt(jnp.float32(H)))
   if mask_BS is not None:
     keep = mask_BS.astype(bool)
     keep_B11LS = keep[:, None, None, None, :] if keep.ndim == 2 else keep[:, None, None]
     scores_BKGLS = jnp.where(keep_B11LS, scores_BKGLS, jnp.finfo(jnp.float32).min)
-  probs_BKGLS = jax.nn.softmax(scores_BKGLS, axis=-1).astype(v_BSKH.dtype)
-  out_BLKGH = jnp.einsum("bkgls,bskh->blkgh", probs_BKGLS, v_BSKH,
-                         preferred_element_type=jnp.float32)
-  return out_BLKGH.reshape(B, L, N, H).astype(q_BLNH.dtype)
+  max_BKGL1 = jax.lax.stop_gradient(jnp.max(scores_BKGLS, axis=-1, keepdims=True))
+  exp_BKGLS = jnp.exp(scores_BKGLS - max_BKGL1)
+  sum_BKGL1 = jnp.sum(exp_BKGLS, axis=-1, keepdims=True)
+  out_BKGLH = jnp.einsum("bkgls,bksh->bkglh", exp_BKGLS.astype(v_BSKH.dtype), v_BKSH,
+                         preferred_element_type=jnp.float32) / sum_BKGL1
+  return jnp.transpose(out_BKGLH, (0, 3, 1, 2, 4)).reshape(B, L, N, H).astype(q_BLNH.dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -126,10 +126,10 @@ def _choose(logits_BbV, key, temperature):
   def sample(logits_BbV):
     logits_BbV = logits_BbV / temperature
     g_BbV = jax.random.gumbel(key, logits_BbV.shape, jnp.float32)
-    return jnp.argmax(logits_BbV + g_BbV, axis=-1).astype(jnp.int32), logits_BbV
+    return decoding.first_argmax(logits_BbV + g_BbV), logits_BbV
 
   def greedy(logits_BbV):
-    return jnp.argmax(logits_BbV, axis=-1).astype(jnp.int32), logits_BbV
+    return decoding.first_argmax(logits_BbV), logits_BbV
 
   x0_Bb, logits_BbV = jax.lax.cond(temperature > 0, sample, greedy, logits_BbV)
   probs_BbV = jax.nn.softmax(logits_BbV, axis=-1)
