@@ -85,12 +85,11 @@ def main(argv):
   cfg = ModelConfig.from_dict(SMALL_LLADA2)
   result = run(cfg, [int(b) for b in FLAGS.batches], FLAGS.gen_length, FLAGS.block_length,
                FLAGS.prompt_len, FLAGS.repeats)
-  common.write_json(result, FLAGS.output)
-  for r in result["results"]:
-    print(f"batch {r['batch']}: cached {r['cached']['tokens_per_s']:.1f} tok/s "
-          f"({r['cached']['model_calls']} calls), recompute "
-          f"{r['recompute']['tokens_per_s']:.1f} tok/s ({r['recompute']['model_calls']} calls),"
-          f" x{r['speedup']:.2f}, same tokens: {r['same_tokens']}")
+  common.report(result, FLAGS.output, lambda r: (
+      f"batch {r['batch']}: cached {r['cached']['tokens_per_s']:.1f} tok/s "
+      f"({r['cached']['model_calls']} calls), recompute "
+      f"{r['recompute']['tokens_per_s']:.1f} tok/s ({r['recompute']['model_calls']} calls),"
+      f" x{r['speedup']:.2f}, same tokens: {r['same_tokens']}"))
 
 
 if __name__ == "__main__":
