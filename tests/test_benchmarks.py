@@ -1,5 +1,8 @@
 """The benchmark scripts run end to end (tiny sizes; their numbers are not asserted)."""
 
+import json
+
+from benchmarks import common
 from benchmarks import forward
 from configs import tiny
 from llada_jax.config import ModelConfig
@@ -78,3 +81,10 @@ def test_vrpo_e2e_pairs_prefer_the_right_answer():
   assert pairs[0]["chosen"] == "1123" and sorted(pairs[0]["rejected"]) == sorted("1123")
   assert pairs[0]["rejected"] != "1123"
   assert pairs[1] == {"prompt": "90", "chosen": "09", "rejected": "9"}  # the model's mistake
+
+
+def test_report_writes_the_json_then_one_line_per_row(tmp_path, capsys):
+  path = tmp_path / "out" / "r.json"
+  common.report({"results": [{"n": 1}, {"n": 2}]}, str(path), lambda r: f"row {r['n']}")
+  assert json.loads(path.read_text())["results"] == [{"n": 1}, {"n": 2}]
+  assert capsys.readouterr().out.strip().splitlines()[-2:] == ["row 1", "row 2"]
