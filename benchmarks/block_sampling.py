@@ -85,9 +85,7 @@ def main(argv):
   cfg = ModelConfig.from_dict(SMALL_LLADA2)
   result = run(cfg, [int(b) for b in FLAGS.batches], FLAGS.gen_length, FLAGS.block_length,
                FLAGS.prompt_len, FLAGS.repeats)
-  common.write_json(result, FLAGS.output)
-  for r in result["results"]:
-    print(summary(r))
+  common.report(result, FLAGS.output, summary)
 
 
 def summary(r: dict) -> str:

@@ -71,6 +71,13 @@ def machine() -> dict[str, Any]:
           "jax": jax.__version__, "load_average_start": load_average(), "busy": busy()}
 
 
+def report(result: dict[str, Any], path: str | None, row_line: Callable[[dict], str]) -> None:
+  """`write_json(result, path)`, then one line `row_line(row)` per row of result["results"]."""
+  write_json(result, path)
+  for row in result["results"]:
+    print(row_line(row))
+
+
 def write_json(result: dict[str, Any], path: str | None) -> None:
   """Prints `result` (plus the load average now) as JSON and writes it to `path`."""
   result = {**result, "load_average_end": load_average()}

@@ -111,12 +111,11 @@ def main(argv):
   cfg = ModelConfig.from_dict(FLAGS.config.model)
   result = run(cfg, [int(b) for b in FLAGS.batches], [int(g) for g in FLAGS.gen_lengths],
                FLAGS.block_length, FLAGS.prompt_len, FLAGS.repeats)
-  common.write_json(result, FLAGS.output)
-  for r in result["results"]:
-    print(f"batch {r['batch']:2d} gen {r['gen_length']:4d}: loop "
-          f"{r['loop_tokens_per_s']['median']:8.1f} tok/s, compiled "
-          f"{r['compiled_tokens_per_s']['median']:8.1f} tok/s, x{r['speedup']:.1f}"
-          f" (same tokens: {r['same_tokens']})")
+  common.report(result, FLAGS.output, lambda r: (
+      f"batch {r['batch']:2d} gen {r['gen_length']:4d}: loop "
+      f"{r['loop_tokens_per_s']['median']:8.1f} tok/s, compiled "
+      f"{r['compiled_tokens_per_s']['median']:8.1f} tok/s, x{r['speedup']:.1f}"
+      f" (same tokens: {r['same_tokens']})"))
 
 
 if __name__ == "__main__":

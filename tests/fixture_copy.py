@@ -1,9 +1,29 @@
-"""Test helpers: a copy of a fixture checkpoint with its config.json edited; a small
-Ling-like tokenizer (LLaDA2's special tokens) for the LLaDA2 fixture, which has none."""
+"""Test helpers: the module fixtures of a fixture checkpoint; a copy of one with its
+config.json edited; a small Ling-like tokenizer (LLaDA2's special tokens) for the LLaDA2 fixture, which has none."""
 
 import json
 import pathlib
 import shutil
+
+import numpy as np
+import pytest
+
+import llada_jax
+
+
+def checkpoint_fixtures(directory: pathlib.Path, mask_token_id: int):
+  """Module-scoped fixtures of a fixture checkpoint: (its reference.npz arrays, the
+  model loaded); the names they are assigned to in a test module are their names."""
+
+  @pytest.fixture(scope="module")
+  def reference():
+    return dict(np.load(directory / "reference.npz"))
+
+  @pytest.fixture(scope="module")
+  def loaded_model():
+    return llada_jax.load(str(directory), mask_token_id=mask_token_id)
+
+  return reference, loaded_model
 
 
 def copy_with_config(src: pathlib.Path, dst: pathlib.Path, **changes) -> str:

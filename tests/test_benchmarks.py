@@ -1,5 +1,8 @@
 """The benchmark scripts run end to end (tiny sizes; their numbers are not asserted)."""
 
+import json
+
+from benchmarks import common
 from benchmarks import forward
 from configs import tiny
 from llada_jax.config import ModelConfig
@@ -91,3 +94,10 @@ def test_block_sampling_summary_prints_the_median_rates():
   assert block_sampling.summary(row) == (
       "batch 1: cached 32.0 tok/s (8 calls), recompute 32.0 tok/s (9 calls), x1.50 (medians), "
       "same tokens: True")
+
+
+def test_report_writes_the_json_then_one_line_per_row(tmp_path, capsys):
+  path = tmp_path / "out" / "r.json"
+  common.report({"results": [{"n": 1}, {"n": 2}]}, str(path), lambda r: f"row {r['n']}")
+  assert json.loads(path.read_text())["results"] == [{"n": 1}, {"n": 2}]
+  assert capsys.readouterr().out.strip().splitlines()[-2:] == ["row 1", "row 2"]

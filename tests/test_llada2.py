@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import llada_jax
-from fixture_copy import copy_with_config, ling_like_tokenizer
+from fixture_copy import checkpoint_fixtures, copy_with_config, ling_like_tokenizer
 from llada_jax import models
 from llada_jax.checkpoints import hf as hf_checkpoint
 from llada_jax.checkpoints import layout
@@ -25,14 +25,7 @@ FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "llada2_tiny"
 MASK_ID, EOS_ID = 995, 992  # the fixture README's ids (config.json has pad = eos only)
 
 
-@pytest.fixture(scope="module")
-def ref():
-  return dict(np.load(FIXTURE / "reference.npz"))
-
-
-@pytest.fixture(scope="module")
-def model():
-  return llada_jax.load(str(FIXTURE), mask_token_id=MASK_ID)
+ref, model = checkpoint_fixtures(FIXTURE, MASK_ID)
 
 
 def _with_config(tmp_path, **changes) -> str:

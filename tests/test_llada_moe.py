@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import llada_jax
-from fixture_copy import copy_with_config
+from fixture_copy import checkpoint_fixtures, copy_with_config
 from llada_jax import sharding
 from llada_jax.checkpoints import hf as hf_checkpoint
 from llada_jax.convert import hf_to_orbax, orbax_to_hf
@@ -22,14 +22,7 @@ FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "lladamoe_tiny"
 MASK_ID = 483  # the fixture README's mask id (the family's config.json has none)
 
 
-@pytest.fixture(scope="module")
-def ref():
-  return dict(np.load(FIXTURE / "reference.npz"))
-
-
-@pytest.fixture(scope="module")
-def moe():
-  return llada_jax.load(str(FIXTURE), mask_token_id=MASK_ID)
+ref, moe = checkpoint_fixtures(FIXTURE, MASK_ID)
 
 
 def _with_config(tmp_path, **changes) -> str:

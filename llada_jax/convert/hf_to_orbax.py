@@ -56,14 +56,9 @@ def convert(hf_dir: str, output_dir: str, dtype: str | None = None,
                            len(reader.shapes), "hf -> orbax", progress)
     writer = checkpoint.ParamWriter(os.path.join(tmp, layout.PARAMS_DIR))
     hint = None if allow_nonfinite else NONFINITE_HINT
-    for path, array in hf_checkpoint.read_params(reader, cfg, dtype, hint):
-      writer.write(path, array)
-      bar.update(array.nbytes, cfg.n_layers if path.startswith("blocks/") else 1, array.size)
-      del array
-      staging.release_freed_memory()
-    writer.close()
-    summary = bar.close()
-  return summary
+    return staging.write_tensors(
+        writer, bar, hf_checkpoint.read_params(reader, cfg, dtype, hint), lambda a: a.nbytes,
+        lambda path: cfg.n_layers if path.startswith("blocks/") else 1)
 
 
 def main(argv=None) -> int:

@@ -47,14 +47,8 @@ def convert(checkpoint_dir: str, output_dir: str, dtype: str | None = None,
     layout.write_config(tmp, cfg, dtype, checkpoint_dir)
     layout.copy_tokenizer_files(checkpoint_dir, tmp)
     bar = staging.Progress(writer.total_size, len(shapes), "orbax -> hf", progress)
-    for name, w in hf_checkpoint.hf_tensors(params, cfg):
-      writer.write(name, w)
-      bar.update(w.size * writer.np_dtype.itemsize, 1, w.size)
-      del w
-      staging.release_freed_memory()
-    writer.close()
-    summary = bar.close()
-  return summary
+    return staging.write_tensors(writer, bar, hf_checkpoint.hf_tensors(params, cfg),
+                                 lambda w: w.size * writer.np_dtype.itemsize, lambda name: 1)
 
 
 def main(argv=None) -> int:

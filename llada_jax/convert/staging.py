@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import tqdm
 
@@ -175,6 +175,19 @@ def release_freed_memory() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
   except (OSError, AttributeError):  # not glibc
     pass
+
+
+def write_tensors(writer, bar: "Progress", named_arrays: Iterable[tuple[str, Any]],
+                  nbytes: Callable[[Any], int], tensors: Callable[[str], int]) -> dict:
+  """Writes each (name, array) with `writer` (freeing memory between tensors), closes
+  it, -> `bar`'s summary; `nbytes` / `tensors` say what one array adds to the bar."""
+  for name, array in named_arrays:
+    writer.write(name, array)
+    bar.update(nbytes(array), tensors(name), array.size)
+    del array
+    release_freed_memory()
+  writer.close()
+  return bar.close()
 
 
 class Progress:

@@ -182,8 +182,7 @@ def build(model, tok, settings: dict[str, Any]) -> gr.Blocks:
 @errors.report_errors("python -m llada_jax.app")
 def main(argv: Sequence[str] | None = None) -> int:
   parser = chat.front_end_parser("python -m llada_jax.app", __doc__.split("\n\n")[0])
-  parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-  parser.add_argument("--port", type=int, default=7860)
+  chat.add_server_flags(parser, 7860)
   args = parser.parse_args(argv)
   model, tok, settings = chat.load_front_end(parser, args)
   build(model, tok, settings).queue().launch(server_name=args.host, server_port=args.port)

@@ -268,6 +268,12 @@ def front_end_parser(prog: str, description: str) -> argparse.ArgumentParser:
   return parser
 
 
+def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
+  """--host and --port of a front end that listens."""
+  parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+  parser.add_argument("--port", type=int, default=default_port)
+
+
 def load_front_end(parser: argparse.ArgumentParser, args: argparse.Namespace):
   """Checks the flags (parser.error on bad ones) before loading anything heavy
   -> (model, tokenizer, sampler settings)."""

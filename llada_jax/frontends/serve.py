@@ -545,8 +545,7 @@ def _wait_done(job: Job) -> str | None:
 @errors.report_errors("python -m llada_jax.serve")
 def main(argv: Sequence[str] | None = None) -> int:
   parser = chat.front_end_parser("python -m llada_jax.serve", __doc__.split("\n\n")[0])
-  parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-  parser.add_argument("--port", type=int, default=8000)
+  chat.add_server_flags(parser, 8000)
   parser.add_argument("--model_name", help="the model id clients name (default: the "
                       "--checkpoint directory's name)")
   parser.add_argument("--batch_size", type=int, default=16, help="rows per sampler call")

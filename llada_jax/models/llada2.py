@@ -217,11 +217,9 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str | None = None) -> dict[str, 
                      f"is not a multiple of moe_hidden_size={cfg.moe_hidden_size} "
                      "(num_shared_experts)")
   hf: dict[str, Any] = {
-      "architectures": ["LLaDA2MoeModelLM"],
-      "auto_map": {"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
-                   "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
-                   "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"},
-      "model_type": "llada2_moe", "hidden_act": "silu", "use_qkv_bias": False,
+      **llada_moe.remote_code_keys("llada2_moe", "llada2_moe", "LLaDA2MoeConfig",
+                                   "LLaDA2MoeModel", "LLaDA2MoeModelLM"),
+      "hidden_act": "silu", "use_qkv_bias": False,
       "use_bias": False, "use_rmsnorm": True, "norm_head": False, "norm_softmax": False,
       "rope_scaling": None, "use_sliding_window": False, "use_cache": False,
       "score_function": "sigmoid", "router_dtype": "fp32", "norm_topk_prob": True,

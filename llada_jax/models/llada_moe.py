@@ -299,14 +299,21 @@ def ling_special_ids(values: dict[str, Any], vocab_size: int) -> dict[str, Any]:
   return values
 
 
+def remote_code_keys(model_type: str, module: str, config_class: str, model_class: str,
+                     lm_class: str) -> dict[str, Any]:
+  """The config.json keys naming a trust_remote_code release's classes (in
+  `configuration_{module}.py` / `modeling_{module}.py`) and its model_type."""
+  return {"architectures": [lm_class], "model_type": model_type,
+          "auto_map": {"AutoConfig": f"configuration_{module}.{config_class}",
+                       "AutoModel": f"modeling_{module}.{model_class}",
+                       "AutoModelForCausalLM": f"modeling_{module}.{lm_class}"}}
+
+
 def config_to_hf(cfg: ModelConfig, torch_dtype: str | None = None) -> dict[str, Any]:
   """The HF `config.json` dict of a LLaDA-MoE config (the release's keys)."""
   hf: dict[str, Any] = {
-      "architectures": ["LLaDAMoEModelLM"],
-      "auto_map": {"AutoConfig": "configuration_lladamoe.LLaDAConfig",
-                   "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
-                   "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM"},
-      "model_type": "llada", "hidden_act": "silu", "attention_bias": False,
+      **remote_code_keys("llada", "lladamoe", "LLaDAConfig", "LLaDAMoEModelLM", "LLaDAMoEModelLM"),
+      "hidden_act": "silu", "attention_bias": False,
       "attention_dropout": 0.0, "clip_qkv": None, "rope_scaling": None, "use_cache": False,
       "initializer_range": 0.02, "output_router_logits": False,
       "moe_layer_freq": list(cfg.moe_layers), "moe_router_score_function": "softmax",
