@@ -196,3 +196,14 @@ def test_evaluate_command_line_writes_results_and_samples_to_a_bucket(bucket, fi
   assert [n.split("/")[-1].split("_")[0] for n in names] == ["results", "samples"], names
   [results] = [n for n in names if n.split("/")[-1].startswith("results")]
   assert "tiny_gen" in json.loads(paths.read_text(f"{url}/{results}"))["results"]
+
+
+def test_token_records_in_a_bucket(bucket, tmp_path):
+  """ArrayRecord's reader opens local files only: bucket files are read from copies."""
+  from llada_jax.training import data  # pylint: disable=g-import-not-at-top
+  for name, docs_ids in (("a", [[5, 6, 7], [8]]), ("b", [[9, 10]])):
+    data.write_token_records(str(tmp_path / f"{name}.array_record"), docs_ids)
+    paths.copyfile(str(tmp_path / f"{name}.array_record"),
+                   f"{bucket}/records/{name}.array_record")
+  docs = data.documents(f"{bucket}/records/*.array_record")
+  assert [docs[i]["ids"].tolist() for i in range(len(docs))] == [[5, 6, 7], [8], [9, 10]]
