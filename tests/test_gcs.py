@@ -148,3 +148,62 @@ def test_convert_train_kill_resume_load_sample_in_a_bucket(bucket, fixture_dir, 
   lines = [json.loads(line) for line in paths.read_text(completions).splitlines()]
   assert [r["prompt"] for r in lines] == ["The", "A"] and all("completion" in r for r in lines)
   capsys.readouterr()
+
+
+def test_evaluate_output_path_in_a_bucket(bucket, tmp_path):
+  """lm-eval writes with pathlib, so a gs:// --output_path reaches it as the same
+  name in a temp directory, whose files go up next to the URL when it returns."""
+  evaluate = pytest.importorskip("llada_jax.frontends.evaluate")
+  url = f"{bucket}/evals/run1"
+  argv = ["--tasks", "t", "-o", url, "--log_samples"]
+  with evaluate.local_output(url) as local:
+    assert not paths.is_remote(local) and os.path.basename(local) == "run1"
+    assert evaluate.with_output_path(argv, local) == ["--tasks", "t", "-o", local,
+                                                      "--log_samples"]
+    assert evaluate.with_output_path([f"--output_path={url}"], local) == [
+        f"--output_path={local}"]
+    os.makedirs(os.path.join(local, "llada_jax"))  # as lm-eval's EvaluationTracker writes
+    for name in ("results_1.json", "samples_t_1.jsonl"):
+      with open(os.path.join(local, "llada_jax", name), "w", encoding="utf-8") as f:
+        f.write(name)
+  assert paths.walk_files(url) == ["llada_jax/results_1.json", "llada_jax/samples_t_1.jsonl"]
+  assert paths.read_text(f"{url}/llada_jax/results_1.json") == "results_1.json"
+  with evaluate.local_output(f"{bucket}/evals/r.json") as local:  # a results file name:
+    paths.write_text(os.path.join(os.path.dirname(local), "r_1.json"), "{}")  # dated siblings
+  assert paths.read_text(f"{bucket}/evals/r_1.json") == "{}"
+  for path in (None, str(tmp_path / "out")):  # local: lm-eval writes there itself
+    with evaluate.local_output(path) as local:
+      assert local == path
+
+
+@pytest.mark.slow
+def test_evaluate_command_line_writes_results_and_samples_to_a_bucket(bucket, fixture_dir,
+                                                                      tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  evaluate_test = pytest.importorskip("test_evaluate")
+  evaluate_test._write_tasks(tmp_path)  # pylint: disable=protected-access
+  args = ",".join(f"{k}={v}" for k, v in {"checkpoint": fixture_dir,
+                                          **evaluate_test.SMALL}.items())
+  url = f"{bucket}/evals"
+  cmd = [sys.executable, "-m", "llada_jax.evaluate", "--model", "llada_jax", "--model_args",
+         args, "--tasks", "tiny_gen", "--include_path", str(tmp_path), "--batch_size", "4",
+         "--limit", "2", "--output_path", url, "--log_samples"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(evaluate_test.REPO)}
+  run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+  assert run.returncode == 0, run.stderr[-3000:]
+  names = paths.walk_files(url)
+  assert [n.split("/")[-1].split("_")[0] for n in names] == ["results", "samples"], names
+  [results] = [n for n in names if n.split("/")[-1].startswith("results")]
+  assert "tiny_gen" in json.loads(paths.read_text(f"{url}/{results}"))["results"]
+
+
+def test_token_records_in_a_bucket(bucket, tmp_path):
+  """ArrayRecord's reader opens local files only: bucket files are read from copies."""
+  from llada_jax.training import data  # pylint: disable=g-import-not-at-top
+  for name, docs_ids in (("a", [[5, 6, 7], [8]]), ("b", [[9, 10]])):
+    data.write_token_records(str(tmp_path / f"{name}.array_record"), docs_ids)
+    paths.copyfile(str(tmp_path / f"{name}.array_record"),
+                   f"{bucket}/records/{name}.array_record")
+  docs = data.documents(f"{bucket}/records/*.array_record")
+  assert [docs[i]["ids"].tolist() for i in range(len(docs))] == [[5, 6, 7], [8], [9, 10]]

@@ -152,6 +152,28 @@ def test_sixteen_concurrent_requests_are_batched(client, server, tiny_model, tok
     assert text == _expected(tiny_model, tok, tok.encode(prompt))[1]
 
 
+def test_prompt_buckets_share_a_call_padded_to_the_largest(client, server, tiny_model, tok):
+  """A short and a long prompt (two length buckets) sent together run as one call
+  left-padded to the longer bucket, each text equal to its prompt sampled alone."""
+  prompts = ["Hi there", " ".join(["The quick brown fox jumps over the lazy dog."] * 4)]
+  jobs = [serve.parse_request("completion", {"prompt": p}, tok, tiny_model.config, DEFAULTS,
+                              NAME, 16) for p in prompts]
+  limit = tiny_model.config.max_sequence_length - DEFAULTS["gen_length"]
+  lengths = [settings_lib.bucket_length(len(j.choices[0].prompt), limit) for j in jobs]
+  assert lengths[0] < lengths[1]
+  calls = list(server[0].batcher.plan(jobs[::-1]))
+  assert [(length, [c.prompt for _, c in rows]) for _, length, rows in calls] == [
+      (lengths[1], [j.choices[0].prompt for j in jobs])]  # shortest bucket first, one call
+
+  before = _models(server[1])["meta"]
+  ask = lambda p: client.completions.create(model=NAME, prompt=p).choices[0].text
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    texts = list(pool.map(ask, prompts))
+  after = _models(server[1])["meta"]
+  assert after["batched_calls"] - before["batched_calls"] == 1, after
+  assert texts == [_expected(tiny_model, tok, tok.encode(p))[1] for p in prompts]
+
+
 @pytest.mark.parametrize("kind, body, message", [
     ("chat", {"model": NAME}, "messages: expected a non-empty list"),
     ("chat", {"model": NAME, "messages": [{"role": "robot", "content": "x"}]}, "role"),

@@ -6,7 +6,8 @@
 
 lm-eval 0.4's own `lm_eval` command cannot load a model registered by another
 package, so this entry point registers the model and hands the command line
-to lm-eval's CLI. The class also works with `lm_eval.simple_evaluate(
+to lm-eval's CLI; a `gs://` --output_path is written locally by lm-eval and
+uploaded when it returns (`local_output`). The class also works with `lm_eval.simple_evaluate(
 model="llada_jax", model_args={...})` once this module is imported.
 
 Model args: `checkpoint` (a model directory: HF snapshot, converted dir or
@@ -47,9 +48,12 @@ block_length and threshold at the model family's defaults, `settings.family_defa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
-from typing import Any, Sequence
+import tempfile
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -58,6 +62,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval import utils as lm_utils
 
+from llada_jax import paths
 from llada_jax import sharding
 from llada_jax import errors
 from llada_jax.checkpoints import layout, loading
@@ -380,14 +385,47 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m llada_jax.evaluate", add_help=False)
   parser.add_argument("--model", "-M")
   parser.add_argument("--model_args", "-a", nargs="+", action=MergeDictAction)
+  parser.add_argument("--output_path", "-o")
   known, _ = parser.parse_known_args(argv)
   if known.model == MODEL_NAME and known.model_args is not None:
     try:
       parse_model_args(known.model_args)
     except ValueError as e:
       parser.error(str(e))
-  sys.argv = [sys.argv[0]] + argv
-  cli_evaluate()
+  with local_output(known.output_path) as local_path:
+    sys.argv = [sys.argv[0]] + with_output_path(argv, local_path)
+    cli_evaluate()
+
+
+def with_output_path(argv: list[str], path: str | None) -> list[str]:
+  """argv with lm-eval's --output_path / -o value replaced by `path`."""
+  out, args = [], iter(argv)
+  for arg in args:
+    if arg in ("--output_path", "-o"):
+      out += [arg, path]
+      next(args, None)
+    elif arg.startswith("--output_path="):
+      out.append(f"--output_path={path}")
+    else:
+      out.append(arg)
+  return out
+
+
+@contextlib.contextmanager
+def local_output(output_path: str | None) -> Iterator[str | None]:
+  """The path lm-eval (which writes with pathlib) is given for --output_path: the
+  path itself when local; for a URL, the same name in a temp directory, whose
+  files (results, --log_samples) are uploaded next to the URL when lm-eval returns."""
+  if output_path is None or not paths.is_remote(output_path):
+    yield output_path
+    return
+  url = output_path.rstrip("/")
+  parent = os.path.dirname(url)
+  paths.exists(url)  # no gcsfs / credentials: fail here, before anything is evaluated
+  with tempfile.TemporaryDirectory(prefix="llada_jax-eval-") as tmp:
+    yield os.path.join(tmp, os.path.basename(url))
+    for name in paths.walk_files(tmp):
+      paths.copyfile(os.path.join(tmp, name), os.path.join(parent, name))
 
 
 if __name__ == "__main__":

@@ -18,11 +18,14 @@ setting under its own name (steps, block_length, remasking, cfg_scale, ...).
   sent when its call returns), a finish_reason chunk per choice, a usage chunk
   when `stream_options.include_usage`, then `data: [DONE]`. Text that may still
   turn out to start a stop string is held back until it cannot.
-- Batching: one worker thread owns the model. It takes the queued requests,
-  waits up to --batch_window_ms for more, groups their rows by sampler settings
-  and prompt-length bucket (`settings.bucket_length`, rows `bucket_rows`, at most
-  --batch_size rows a call), and runs one sampler call per group; requests
-  arriving meanwhile form the next batch, so throughput grows with load. All
+- Batching: one worker thread owns the model. It takes the queued requests and
+  keeps taking more until none has come for --batch_window_ms, --batch_size rows
+  wait, or 4 windows have passed; groups their rows by sampler settings and runs
+  one sampler call per group of at most --batch_size rows, left-padded to the
+  largest prompt-length bucket among them (`settings.bucket_length`; padding
+  changes no token) and to a power-of-two row count (`bucket_rows`), so that
+  few programs compile. Requests arriving meanwhile form the next batch, so
+  throughput grows with load. All
   rows of a call share the PRNG key `seed`, so with temperature > 0 a choice
   depends on its row. /v1/models reports the calls and rows run (`meta`).
 - A bad request gets HTTP 400 and an OpenAI-style error naming the field; a
@@ -59,6 +62,7 @@ log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4  # as OpenAI
+MAX_WINDOWS = 4  # a batch waits for more requests at most this many batching windows
 
 
 class BadRequest(ValueError):
@@ -276,34 +280,42 @@ class Batcher:
     self._thread.join()
 
   def _gather(self) -> list[Job] | None:
-    """The next jobs: the first queued (blocking), then those within the window."""
+    """The next jobs: the first queued (blocking), then more until none has come for
+    a window, batch_size rows are waiting, or MAX_WINDOWS windows have passed."""
     first = self.jobs.get()
     if first is None:
       return None
-    jobs, deadline = [first], time.monotonic() + self.window_s
-    while (left := deadline - time.monotonic()) > 0:
+    jobs, rows = [first], len(first.choices)
+    start = last = time.monotonic()
+    while rows < self.batch_size:
+      now = time.monotonic()
+      left = min(last + self.window_s, start + MAX_WINDOWS * self.window_s) - now
       try:
-        job = self.jobs.get(timeout=left)
+        job = self.jobs.get(timeout=left) if left > 0 else self.jobs.get_nowait()
       except queue.Empty:
         break
       if job is None:
         self.jobs.put(None)  # close after this batch
         break
       jobs.append(job)
+      rows, last = rows + len(job.choices), time.monotonic()
     return jobs
 
   def plan(self, jobs: list[Job]) -> Iterator[tuple[dict, int, list[tuple[Job, Choice]]]]:
     """(settings, padded prompt length, rows) per sampler call: rows grouped by
-    settings and length bucket, at most batch_size a call."""
-    groups: dict[tuple, list[tuple[Job, Choice]]] = {}
+    settings, shortest prompt bucket first, at most batch_size a call, each call
+    left-padded to the largest bucket among its rows (padding changes no token)."""
+    groups: dict[tuple, list[tuple[int, Job, Choice]]] = {}
     for job in jobs:
       limit = self.model.config.max_sequence_length - job.settings["gen_length"]
       for c in job.choices:
         length = settings_lib.bucket_length(len(c.prompt), limit)
-        groups.setdefault((_settings_key(job.settings), length), []).append((job, c))
-    for (key, length), rows in groups.items():
+        groups.setdefault(_settings_key(job.settings), []).append((length, job, c))
+    for key, rows in groups.items():
+      rows.sort(key=lambda row: row[0])  # stable: a job's choices stay in order
       for start in range(0, len(rows), self.batch_size):
-        yield dict(key), length, rows[start:start + self.batch_size]
+        call = rows[start:start + self.batch_size]
+        yield dict(key), call[-1][0], [(job, c) for _, job, c in call]
 
   def _loop(self) -> None:
     while (jobs := self._gather()) is not None:
@@ -384,9 +396,7 @@ class Server:
                   ) -> http.server.ThreadingHTTPServer:
     """A threading HTTP server (not yet serving) of this Server's endpoints."""
     handler = type("Handler", (_Handler,), {"server_state": self})
-    httpd = http.server.ThreadingHTTPServer((host, port), handler)
-    httpd.daemon_threads = True
-    return httpd
+    return _HTTPServer((host, port), handler)
 
   def close(self) -> None:
     self.batcher.close()
@@ -435,6 +445,13 @@ def chunk_body(job: Job, rid: str, created: int, model: str, index: int | None,
   if usage:
     out["usage"] = _usage(job)
   return out
+
+
+class _HTTPServer(http.server.ThreadingHTTPServer):
+  """A thread per connection, with a listen backlog for many concurrent clients
+  (the standard library's 5 resets connections under load)."""
+  daemon_threads = True
+  request_queue_size = 128
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import tempfile
 from typing import Any, Callable, Sequence
 
 import grain
@@ -88,9 +90,16 @@ class _TfdsText:
 
 
 class _TokenRecords:
-  """Random access to an ArrayRecord file set of int32 id arrays."""
+  """Random access to an ArrayRecord file set of int32 id arrays. ArrayRecord's
+  reader opens local files only, so URLs are first copied to a temp directory
+  (removed with this object; it needs room for the files)."""
 
   def __init__(self, files: Sequence[str]):
+    self._copies = None
+    if any(paths.is_remote(f) for f in files):
+      self._copies = tempfile.TemporaryDirectory(prefix="llada_jax-records-")
+      files = [_local_copy(f, os.path.join(self._copies.name, f"{i}.array_record"))
+               for i, f in enumerate(files)]
     self._source = grain.sources.ArrayRecordDataSource(list(files))
 
   def __len__(self):
@@ -98,6 +107,14 @@ class _TokenRecords:
 
   def __getitem__(self, i):
     return {"ids": np.frombuffer(self._source[i], np.int32)}
+
+
+def _local_copy(path: str, local: str) -> str:
+  """`path` when local, else `local` holding a copy of it."""
+  if not paths.is_remote(path):
+    return path
+  paths.copyfile(path, local)
+  return local
 
 
 def documents(source: str, *, tfds_split: str = "train", data_dir: str | None = None,
