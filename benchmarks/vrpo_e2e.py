@@ -1,6 +1,6 @@
 """End to end: SFT a tiny model on a synthetic task, then VRPO on its own mistakes.
 
-  python -m benchmarks.vrpo_e2e --workdir runs/vrpo_e2e [--sft_steps 300] [--vrpo_steps 40]
+  python -m benchmarks.vrpo_e2e --workdir runs/vrpo_e2e [--sft_steps 300] [--vrpo_steps 80]
       [--num_test 64] [--output out/vrpo_e2e.json]
 
 1. Task: sort a list of 4–6 digits ("5132" -> "1235"); a list is held out when
@@ -49,11 +49,11 @@ SEQ_LEN = 40
 def _define_flags():
   flags.DEFINE_string("workdir", "runs/vrpo_e2e", "Data, tokenizer and training runs.")
   flags.DEFINE_integer("sft_steps", 300, "SFT steps (batch 64).")
-  flags.DEFINE_integer("vrpo_steps", 40, "VRPO steps (batch 16 pairs).")
+  flags.DEFINE_integer("vrpo_steps", 80, "VRPO steps (batch 16 pairs).")
   flags.DEFINE_integer("num_pairs", 256, "Training preference pairs made from SFT answers.")
   flags.DEFINE_integer("num_test", 64, "Held-out prompts.")
   flags.DEFINE_float("beta", 0.1, "VRPO's β (DPO's usual 0.1).")
-  flags.DEFINE_float("lr", 3e-5, "VRPO learning rate (constant after warm-up).")
+  flags.DEFINE_float("lr", 1e-5, "VRPO learning rate (constant after warm-up).")
   flags.DEFINE_string("output", None, "Also write the JSON here.")
 
 
