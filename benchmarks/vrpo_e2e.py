@@ -1,6 +1,6 @@
 """End to end: SFT a tiny model on a synthetic task, then VRPO on its own mistakes.
 
-  python -m benchmarks.vrpo_e2e --workdir runs/vrpo_e2e [--sft_steps 400] [--vrpo_steps 60]
+  python -m benchmarks.vrpo_e2e --workdir runs/vrpo_e2e [--sft_steps 300] [--vrpo_steps 80]
       [--num_test 64] [--output out/vrpo_e2e.json]
 
 1. Task: sort a list of 4–6 digits ("5132" -> "1235"); a list is held out when
@@ -18,6 +18,10 @@
    seeds for both models): preference accuracy = the fraction of pairs whose
    chosen answer has the higher `log_likelihood` (mc_num 32); task accuracy =
    exact match of `generate` (greedy, gen_length 8). JSON to stdout.
+
+A finished SFT stage (`WORKDIR/sft_<steps>`) is reused, so a
+sweep over β, lr and --vrpo_steps pays only for VRPO and the evaluation; each
+setting trains in its own `WORKDIR/vrpo_sft<steps>_s<steps>_b<β>_lr<lr>_p<pairs>`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from benchmarks import common
 from benchmarks import fast_sampling
 import llada_jax
 from llada_jax import tokenizer as tokenizer_lib
+from llada_jax.checkpoints import layout
 from llada_jax.frontends import settings as frontend
 from llada_jax.training import train as train_lib
 
@@ -43,12 +48,12 @@ SEQ_LEN = 40
 
 def _define_flags():
   flags.DEFINE_string("workdir", "runs/vrpo_e2e", "Data, tokenizer and training runs.")
-  flags.DEFINE_integer("sft_steps", 400, "SFT steps (batch 64).")
-  flags.DEFINE_integer("vrpo_steps", 60, "VRPO steps (batch 16 pairs).")
-  flags.DEFINE_integer("num_pairs", 512, "Training preference pairs made from SFT answers.")
+  flags.DEFINE_integer("sft_steps", 300, "SFT steps (batch 64).")
+  flags.DEFINE_integer("vrpo_steps", 80, "VRPO steps (batch 16 pairs).")
+  flags.DEFINE_integer("num_pairs", 256, "Training preference pairs made from SFT answers.")
   flags.DEFINE_integer("num_test", 64, "Held-out prompts.")
-  flags.DEFINE_float("beta", 1.0, "VRPO's β (ELBOs are per answer token, so larger than DPO's).")
-  flags.DEFINE_float("lr", 3e-4, "VRPO learning rate.")
+  flags.DEFINE_float("beta", 0.1, "VRPO's β (DPO's usual 0.1).")
+  flags.DEFINE_float("lr", 1e-5, "VRPO learning rate (constant after warm-up).")
   flags.DEFINE_string("output", None, "Also write the JSON here.")
 
 
@@ -122,24 +127,33 @@ def vrpo_config(sft_dir: str, source: str, eval_source: str, steps: int, beta: f
   return cfg
 
 
+def finished_step(run_dir: str) -> int:
+  """The newest finished checkpoint step of a training workdir (0 if none)."""
+  steps = layout.step_dirs(os.path.join(run_dir, layout.CHECKPOINTS_DIR))
+  return int(os.path.basename(steps[0])) if steps else 0
+
+
 def run(workdir: str, *, sft_steps: int, vrpo_steps: int, num_pairs: int, num_test: int,
         beta: float, lr: float) -> dict:
   workdir = os.path.abspath(workdir)  # Orbax reads absolute paths only
   paths = make_task(os.path.join(workdir, "task"))
   tok = tokenizer_lib.load_tokenizer(paths["tokenizer"])
-  sft_dir, vrpo_dir = os.path.join(workdir, "sft"), os.path.join(workdir, "vrpo")
+  sft_dir = os.path.join(workdir, f"sft_{sft_steps}")
+  vrpo_dir = os.path.join(workdir, f"vrpo_sft{sft_steps}_s{vrpo_steps}_b{beta:g}_lr{lr:g}"
+                          f"_p{num_pairs}")
   timings = {}
-  start = time.perf_counter()
-  train_lib.train_and_evaluate(fast_sampling.train_config(
-      paths, seq_len=SEQ_LEN, steps=sft_steps, batch_size=64, lr=3e-3), sft_dir)
-  timings["sft_seconds"] = time.perf_counter() - start
+  if finished_step(sft_dir) < sft_steps:  # else reuse the finished SFT stage
+    start = time.perf_counter()
+    train_lib.train_and_evaluate(fast_sampling.train_config(
+        paths, seq_len=SEQ_LEN, steps=sft_steps, batch_size=64, lr=3e-3), sft_dir)
+    timings["sft_seconds"] = time.perf_counter() - start
   sft = llada_jax.load(sft_dir)
   read = lambda p, n: [json.loads(line) for line in open(p)][:n]
   train_recs, test_recs = read(paths["train"], num_pairs), read(paths["test"], num_test)
   start = time.perf_counter()
   pair_files = {}
   for name, recs, seed in (("train", train_recs, 1), ("test", test_recs, 2)):
-    pair_files[name] = os.path.join(workdir, f"pairs_{name}.jsonl")
+    pair_files[name] = os.path.join(workdir, f"pairs_sft{sft_steps}_{name}_{len(recs)}.jsonl")
     pairs = make_pairs(recs, answers(sft, tok, recs), seed)
     with open(pair_files[name], "w") as f:
       f.write("".join(json.dumps(p) + "\n" for p in pairs))

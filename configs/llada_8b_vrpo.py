@@ -7,9 +7,15 @@ The paper's variance reduction: a budget of n = 8 ELBO samples per answer with
 optimal allocation (8 timesteps, one mask each) and antithetic sampling (the
 policy and the reference see the same timesteps and masks).
 
-β, the learning rate and its schedule, the batch and one epoch over ~350K
-pairs are as we read the paper's experimental setup and not checked against
-its code: verify them (and the data) before a real run.
+Checked (2026-12, public sources reachable from here): the project page
+(ml-gsai.github.io/LLaDA-1.5-Demo) confirms the three techniques — a larger
+budget n = n_time × n_mask, optimal allocation n_time = n, n_mask = 1, and
+antithetic sampling shared between π_θ and π_ref; the abstract (arXiv
+2505.19223; ACL 2026 long 524) states no hyperparameters. n = 8, β, the
+learning rate and its schedule, the batch of 64 pairs and one epoch over ~350K
+pairs are as we read the paper's experimental setup and could NOT be confirmed
+against a searchable copy of the paper or its code (github ML-GSAI/LLaDA-1.5
+is not in the index): verify them (and the data) before a real run.
 """
 
 from configs import llada_8b_sft

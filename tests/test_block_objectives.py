@@ -111,6 +111,27 @@ def test_complementary_masking_masks_each_position_exactly_once_per_pair():
                              rtol=1e-6)
 
 
+def test_block_pretrain_crop_is_on_a_block_boundary_and_renormalised():
+  """crop_prob=1: every batch is cut to K·block_length tokens (K varies with the
+  key), nothing past it is masked, and the kept tokens weigh 1/(B·kept); 0: no crop."""
+  B, L, bl = 2, 16, 4
+  ids = jax.random.randint(jax.random.key(0), (B, L), 5, 900)
+  lengths = set()
+  for seed in range(12):
+    s = block_objectives.BlockSettings(bl, t_min=0.99, t_max=1.0, crop_prob=1.0)
+    _, noise = block_objectives.block_noise(jax.random.key(seed), ids, 999, s)
+    masked, w = np.asarray(noise.masked_BL), np.asarray(noise.weight_BL)
+    kept = int(np.round(1 / (B * w[0, 0])))
+    assert kept % bl == 0 and 0 < kept <= L
+    assert masked[:, :kept].all() and not masked[:, kept:].any()  # t ≈ 1: all kept masked
+    lengths.add(kept)
+  assert len(lengths) > 1
+  _, noise = block_objectives.block_noise(jax.random.key(0), ids, 999, block_objectives.
+                                          BlockSettings(bl, t_min=0.99, t_max=1.0))
+  assert np.asarray(noise.masked_BL).all()
+  np.testing.assert_allclose(np.asarray(noise.weight_BL), 1 / (B * L), rtol=1e-6)
+
+
 def test_cap_entropy_equals_numpy():
   rs = np.random.RandomState(0)
   logits = rs.randn(2, 6, 11).astype(np.float32) * 3

@@ -23,6 +23,12 @@ them together), and every trainable position is masked in exactly one of the
 pair. The floor then applies at both ends: p = eps + (1 − 2·eps) t, so p and
 1 − p are both ≥ eps.
 
+Random-length crop (block_pretrain, as pre-training's 1%): with probability
+`crop_prob` a batch is cut to K·block_length tokens, K ~ U{1..L/block_length}
+(one crop for the batch); positions past it are dropped from the loss, which
+is normalised by the kept length. The crop is on a block boundary, so no kept
+position attends to a dropped one under the block-causal mask.
+
 Embedding noise (LLaDA2, early training): N(0, std²) added to the embeddings
 of the masked tokens while the step is below `embed_noise_steps`.
 
@@ -48,6 +54,7 @@ class BlockSettings:
   embed_noise_std: float = 0.0
   embed_noise_steps: int = 0
   eps: float = objectives.EPS
+  crop_prob: float = 0.0
 
 
 def block_levels(rng: jax.Array, B: int, L: int, block_length: int, t_min: float = 0.0,
@@ -58,6 +65,17 @@ def block_levels(rng: jax.Array, B: int, L: int, block_length: int, t_min: float
                      f"block_length={block_length}")
   t_BN = jax.random.uniform(rng, (B, L // block_length), minval=t_min, maxval=t_max)
   return jnp.repeat(t_BN, block_length, axis=1)
+
+
+def block_crop(rng: jax.Array, L: int, block_length: int, crop_prob: float
+               ) -> tuple[jax.Array, jax.Array]:
+  """(keep_L, kept length): with probability `crop_prob` the first K·block_length
+  positions, K ~ U{1..L/block_length}; else all L."""
+  crop_rng, len_rng = jax.random.split(rng)
+  crop = jax.random.uniform(crop_rng) < crop_prob
+  blocks = jax.random.randint(len_rng, (), 1, L // block_length + 1)
+  length = jnp.where(crop, blocks * block_length, L)
+  return jnp.arange(L) < length, length
 
 
 def block_noise(rng: jax.Array, ids_BL: jax.Array, mask_id: int, s: BlockSettings,
@@ -74,8 +92,9 @@ def block_noise(rng: jax.Array, ids_BL: jax.Array, mask_id: int, s: BlockSetting
     p_BL = (1.0 - s.eps) * t_BL + s.eps
   masked_BL = jax.random.uniform(m_rng, (B, L)) < p_BL
   if prompt_len_B is None:
-    trainable_BL = jnp.ones((B, L), bool)
-    weight_B = jnp.full((B,), 1.0 / L)
+    keep_L, length = block_crop(jax.random.fold_in(rng, 1), L, s.block_length, s.crop_prob)
+    trainable_BL = jnp.broadcast_to(keep_L[None, :], (B, L))
+    weight_B = jnp.full((B,), 1.0) / length
   else:
     trainable_BL = jnp.arange(L)[None, :] >= prompt_len_B[:, None]
     weight_B = 1.0 / jnp.maximum(L - prompt_len_B, 1).astype(jnp.float32)

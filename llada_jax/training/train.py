@@ -121,7 +121,7 @@ def loss_options(cfg, model_cfg: ModelConfig) -> LossOptions:
   if objective(cfg).block:
     block = block_objectives.BlockSettings(
         cfg.block_length, cfg.t_min, cfg.t_max, cfg.complementary_masking,
-        cfg.embed_noise_std, cfg.embed_noise_steps)
+        cfg.embed_noise_std, cfg.embed_noise_steps, crop_prob=objectives.CROP_PROB)
   return LossOptions(model_cfg.mask_token_id, model_cfg.d_model, cfg.loss_vocab_chunk,
                      cfg.get("cap_weight", 0.0), block)
 
