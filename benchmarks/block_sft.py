@@ -2,8 +2,9 @@
 
   python -m benchmarks.block_sft --workdir runs/block_sft [--output out/block_sft.json]
       [--sft_steps 400] [--block_steps 150] [--cap_weight 0.5] [--num_test 64] [--skip_train]
+      [--digits 6,10]
 
-1. Task: `benchmarks.fast_sampling`'s (sort 6–10 digits, "3141592" ->
+1. Task: `benchmarks.fast_sampling`'s (sort --digits = 6–10 digits, "3141592" ->
    "1123459"; a list is held out when the MD5 of its text is 0 mod 10), its
    300-token SentencePiece vocabulary, rows of prompt + 16 positions.
 2. `sft`: a configs/tiny.py-shaped LLaDA trained from scratch with the trainer
@@ -47,6 +48,7 @@ def _define_flags():
                        "batch 16 (32 rows with the complements).")
   flags.DEFINE_float("cap_weight", 0.5, "CAP weight of the block_sft_cap run (0: no such run).")
   flags.DEFINE_integer("num_test", 64, "Held-out lists scored per model and mode.")
+  flags.DEFINE_list("digits", ["6", "10"], "Shortest and longest list to sort (vrpo_e2e: 4,6).")
   flags.DEFINE_bool("skip_train", False, "Use the trained models already in --workdir.")
   flags.DEFINE_string("output", None, "Also write the JSON here.")
 
@@ -81,7 +83,9 @@ def block_config(paths, seq_len: int, steps: int, init_from: str, cap_weight: fl
 def run(workdir: str, *, sft_steps: int, block_steps: int, cap_weight: float, num_test: int,
         skip_train: bool) -> dict:
   workdir = os.path.abspath(workdir)  # Orbax reads absolute paths only
-  paths = fast_sampling.make_task(os.path.join(workdir, "task"), num_train=50_000, num_test=500)
+  lengths = tuple(int(d) for d in FLAGS.digits)
+  paths = fast_sampling.make_task(os.path.join(workdir, f"task_{lengths[0]}_{lengths[1]}"),
+                                  num_train=50_000, num_test=500, lengths=lengths)
   tok = tokenizer_lib.load_tokenizer(paths["tokenizer"])
   with open(paths["test"]) as f:
     records = [json.loads(line) for line in f][:num_test]
@@ -105,7 +109,7 @@ def run(workdir: str, *, sft_steps: int, block_steps: int, cap_weight: float, nu
     model = llada_jax.load(path)
     results[name] = [accuracy(model, tok, records, mode) for mode in MODES]
     print(json.dumps({name: results[name]}), flush=True)
-  return {"task": "sort 6-10 digits", "gen_length": GEN_LENGTH, "block_length": BLOCK_LENGTH,
+  return {"task": "sort %s-%s digits" % tuple(FLAGS.digits), "gen_length": GEN_LENGTH, "block_length": BLOCK_LENGTH,
           "seq_len": seq_len, "num_test": len(records), "sft_steps": sft_steps,
           "block_steps": block_steps, "cap_weight": cap_weight, "train_seconds": seconds,
           "load_average": os.getloadavg(), "machine": common.machine(), "results": results}
