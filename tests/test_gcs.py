@@ -185,7 +185,7 @@ def test_evaluate_command_line_writes_results_and_samples_to_a_bucket(bucket, fi
   evaluate_test._write_tasks(tmp_path)  # pylint: disable=protected-access
   args = ",".join(f"{k}={v}" for k, v in {"checkpoint": fixture_dir,
                                           **evaluate_test.SMALL}.items())
-  url = f"{bucket}/evals"
+  url = f"{bucket}/evals_cli"  # the bucket is shared by the module's tests
   cmd = [sys.executable, "-m", "llada_jax.evaluate", "--model", "llada_jax", "--model_args",
          args, "--tasks", "tiny_gen", "--include_path", str(tmp_path), "--batch_size", "4",
          "--limit", "2", "--output_path", url, "--log_samples"]
