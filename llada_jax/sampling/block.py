@@ -441,10 +441,11 @@ def generate_stream(model, prompt_ids, attention_mask=None, **kwargs) -> Iterato
 
   def blocks():
     st, more = _start_jit(graphdef, state, x_BS, s=s), True
+    nfe = int(st.c.nfe)
     while more:
-      nfe_before = int(st.c.nfe)
       st, more = _run_block_jit(graphdef, state, st, *inputs, knobs, s=s)
-      if int(st.c.nfe) > nfe_before or not more:  # a block decoded, or the end
+      nfe_before, nfe = nfe, int(st.c.nfe)
+      if nfe > nfe_before or not more:  # a block decoded, or the end
         tokens = _output(prompt_BP, np.asarray(st.c.x_BS), len_B, s.gen_length, eos_id)
         yield _returned(tokens, st.c.nfe, squeeze, args["return_nfe"])
 
