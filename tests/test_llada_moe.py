@@ -158,3 +158,10 @@ def test_init_and_param_table_agree():
   assert "model.layers.1.shared_expert.up_proj.weight" in names
   logits, aux = model.forward_with_aux(jnp.zeros((1, 8), jnp.int32))
   assert logits.shape == (1, 8, 512) and set(aux) == {"load_balancing_loss", "router_z_loss"}
+
+
+def test_rows_equal_the_full_forward_sliced(moe, ref):
+  # The last (MoE) layer on 6 query rows only, as the dense sampler's steps run it.
+  ids = ref["input_ids"]
+  full = np.asarray(moe.forward_hidden(ids))
+  np.testing.assert_allclose(moe.forward_hidden(ids, rows=(5, 6)), full[:, 5:11], atol=1e-5)

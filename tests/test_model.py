@@ -194,3 +194,20 @@ def test_window_sees_cached_context_not_its_current_tokens():
   np.testing.assert_allclose(stale, model.forward(ids)[:, 12:16], atol=1e-4)
   np.testing.assert_allclose(fresh, model.forward(other)[:, 12:16], atol=1e-4)
   assert np.abs(np.asarray(stale - fresh)).max() > 1e-3
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_rows_equal_the_full_forward_sliced(reference, scan):
+  # The last layer on 8 query rows only: the same hidden states and cache as a full pass.
+  model = model_lib.init(SMALL.replace(scan_layers=scan), seed=3)
+  ids = reference["padded_input_ids"] % 90
+  mask = reference["padded_attention_mask"]
+  full = np.asarray(model.forward_hidden(ids, mask))
+  rows = jax.jit(lambda r0: model.forward_hidden(ids, mask, rows=(r0, 8)))(jnp.int32(10))
+  np.testing.assert_allclose(rows, full[:, 10:18], atol=5e-5)
+  _, cache = model.forward_with_cache(ids, mask)
+  part, rows_cache = model.forward_with_cache(ids, mask, head=False, rows=(3, 8))
+  np.testing.assert_allclose(part, full[:, 3:11], atol=5e-5)
+  np.testing.assert_allclose(rows_cache.v_YBSKH, cache.v_YBSKH, atol=5e-5)
+  with pytest.raises(ValueError, match="rows: only a forward without a cache"):
+    model._run(ids, mask, 0, cache, return_kv=True, rows=(0, 8))  # pylint: disable=protected-access

@@ -163,7 +163,7 @@ def _project(x_BWD: jax.Array, w_DXH: jax.Array) -> jax.Array:
 
 def self_attention(p: dict[str, jax.Array], n_BWD: jax.Array, mask_BS: jax.Array | None,
                    sin_WR: jax.Array, cos_WR: jax.Array, *, impl: str, eps: float,
-                   kv_BSKH=None, start=0, fresh_from=None):
+                   kv_BSKH=None, start=0, fresh_from=None, rows=None):
   """The attention sublayer on normed inputs n [B, W, D] -> (out [B, W, D], (k, v)).
 
   p: q_proj [D, N, H], k_proj/v_proj [D, K, H], attn_out [N, H, D], and
@@ -174,14 +174,24 @@ def self_attention(p: dict[str, jax.Array], n_BWD: jax.Array, mask_BS: jax.Array
   at `start` and the window attends to all S positions; window positions
   before `fresh_from` (absolute, may be traced) keep the cached ones instead.
   (k, v) [B, S, K, H] are returned after RoPE.
+  rows = (r0, Q) (r0 may be traced, Q static; no cache): only positions
+  r0…r0+Q−1 query (out [B, Q, D]); keys/values are those of all W. A mask must
+  then be per key ([B, S] padding), not per query.
   """
   from llada_jax.layers.norms import rms_norm  # pylint: disable=g-import-not-at-top
   from llada_jax.layers.rope import apply_rope  # pylint: disable=g-import-not-at-top
   dt = n_BWD.dtype
-  q_BWNH, k_BWKH, v_BWKH = (_project(n_BWD, p[name]) for name in ("q_proj", "k_proj", "v_proj"))
+  nq_BQD, sin_QR, cos_QR = n_BWD, sin_WR, cos_WR  # the query positions' inputs
+  if rows is not None:
+    if kv_BSKH is not None:
+      raise ValueError("self_attention: `rows` computes keys/values afresh; got a cache")
+    nq_BQD, sin_QR, cos_QR = (jax.lax.dynamic_slice_in_dim(a, rows[0], rows[1], axis=a.ndim - 2)
+                              for a in (n_BWD, sin_WR, cos_WR))
+  q_BQNH = _project(nq_BQD, p["q_proj"])
+  k_BWKH, v_BWKH = (_project(n_BWD, p[name]) for name in ("k_proj", "v_proj"))
   if "q_norm" in p:
-    q_BWNH, k_BWKH = rms_norm(q_BWNH, p["q_norm"], eps), rms_norm(k_BWKH, p["k_norm"], eps)
-  q_BWNH = sharding.constrain(apply_rope(q_BWNH, sin_WR, cos_WR),
+    q_BQNH, k_BWKH = rms_norm(q_BQNH, p["q_norm"], eps), rms_norm(k_BWKH, p["k_norm"], eps)
+  q_BQNH = sharding.constrain(apply_rope(q_BQNH, sin_QR, cos_QR),
                               ("batch", "length", "heads", "head_dim"))
   k_BWKH = sharding.constrain(apply_rope(k_BWKH, sin_WR, cos_WR),
                               ("batch", "length", "kv_heads", "head_dim"))
@@ -198,6 +208,6 @@ def self_attention(p: dict[str, jax.Array], n_BWD: jax.Array, mask_BS: jax.Array
         sharding.constrain(jax.lax.dynamic_update_slice_in_dim(
             cached, fresh.astype(cached.dtype), start, axis=1), KV_AXES)
         for fresh, cached in ((k_BWKH, kv_BSKH[0]), (v_BWKH, kv_BSKH[1])))
-  att_BWNH = attention(q_BWNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask_BS, impl=impl)
-  out_BWD = jnp.einsum("bwnh,nhd->bwd", att_BWNH, p["attn_out"].astype(dt))
-  return out_BWD, (k_BSKH, v_BSKH)
+  att_BQNH = attention(q_BQNH, k_BSKH.astype(dt), v_BSKH.astype(dt), mask_BS, impl=impl)
+  out_BQD = jnp.einsum("bqnh,nhd->bqd", att_BQNH, p["attn_out"].astype(dt))
+  return out_BQD, (k_BSKH, v_BSKH)

@@ -113,19 +113,22 @@ def dense_ffn(p: dict[str, jax.Array], n_BWD: jax.Array, cfg: ModelConfig,
 
 def block_forward(p: dict[str, jax.Array], x_BWD: jax.Array, mask_BS: jax.Array | None,
                   sin_WH: jax.Array, cos_WH: jax.Array, cfg: ModelConfig,
-                  kv_BSKH=None, start=0, fresh_from=None, ffn=dense_ffn):
+                  kv_BSKH=None, start=0, fresh_from=None, ffn=dense_ffn, rows=None):
   """One pre-norm layer on per-layer weights `p` (compute dtype = x's).
 
   h = x + attention(attn_norm(x)), y = h + ffn(ff_norm(h)); `ffn` (p, n, cfg,
   mask) -> (out, aux losses) is the dense MLP here, a MoE in `llada_moe`.
-  Cache arguments as `layers.attention.self_attention`; activations are
-  constrained by logical names (`sharding.constrain`, the active mesh).
+  Cache and `rows` arguments as `layers.attention.self_attention` (with rows =
+  (r0, Q), y holds positions r0…r0+Q−1 only); activations are constrained by
+  logical names (`sharding.constrain`, the active mesh).
   -> (y [B, W, D], (k [B, S, K, H], v [B, S, K, H]), {aux loss name: []}).
   """
   n1_BWD = rms_norm(x_BWD, p["attn_norm"], cfg.rms_norm_eps)
   att_BWD, kv = attention_lib.self_attention(
       p, n1_BWD, mask_BS, sin_WH, cos_WH, impl=cfg.attention, eps=cfg.rms_norm_eps,
-      kv_BSKH=kv_BSKH, start=start, fresh_from=fresh_from)
+      kv_BSKH=kv_BSKH, start=start, fresh_from=fresh_from, rows=rows)
+  if rows is not None:
+    x_BWD = jax.lax.dynamic_slice_in_dim(x_BWD, rows[0], rows[1], axis=1)
   h_BWD = sharding.constrain(x_BWD + att_BWD, ("batch", "length", "embed"))
   n2_BWD = rms_norm(h_BWD, p["ff_norm"], cfg.rms_norm_eps)
   ffn_BWD, aux = ffn(p, n2_BWD, cfg, mask_BS)
@@ -204,16 +207,20 @@ class Transformer(nnx.Module):
     return x_BWD, kv, aux
 
   def _run(self, ids_BW, mask_BS, start, cache: KVCache | None, return_kv: bool,
-           fresh_from=None, head: bool = True, positions_W=None, embed_noise_BWD=None):
+           fresh_from=None, head: bool = True, positions_W=None, embed_noise_BWD=None,
+           rows=None):
     """Embed -> runs of scanned layers -> ln_f -> head, for positions start…start+W−1
     (or the RoPE positions `positions_W` [W]; `embed_noise_BWD` is added to the embeddings).
+    rows = (r0, Q) (no cache; r0 may be traced): outputs of positions r0…r0+Q−1
+    of the window only — the last layer runs its queries, attention and FFN on
+    them alone (every position's keys/values, so the same values as slicing).
 
     -> (logits [B, W, V] float32, KVCache or None, {aux loss: [] summed over layers});
     `head=False` stops after ln_f: hidden states [B, W, D] in place of the logits.
     """
     with self.activation_mesh():
       return self._layers(ids_BW, mask_BS, start, cache, return_kv, fresh_from, head,
-                          positions_W, embed_noise_BWD)
+                          positions_W, embed_noise_BWD, rows)
 
   def activation_mesh(self):
     """The model's own mesh as the `sharding.activation_mesh` (else the caller's)."""
@@ -222,8 +229,13 @@ class Transformer(nnx.Module):
     return sharding.activation_mesh(self.mesh, self.rules)
 
   def _layers(self, ids_BW, mask_BS, start, cache, return_kv, fresh_from, head,
-              positions_W=None, embed_noise_BWD=None):
+              positions_W=None, embed_noise_BWD=None, rows=None):
     cfg = self.config
+    if rows is not None and cache is not None:
+      raise ValueError("rows: only a forward without a cache runs part of the last layer")
+    if rows is not None and isinstance(mask_BS, MASK_TYPES):
+      raise ValueError(f"rows: a {type(mask_BS).__name__} mask is per query; rows needs "
+                       "a [B, S] key mask or None")
     dt = DTYPES[cfg.dtype]
     ids_BW = jnp.asarray(ids_BW, jnp.int32)
     x_BWD = jnp.take(self.wte[...], ids_BW, axis=0).astype(dt)
@@ -237,14 +249,28 @@ class Transformer(nnx.Module):
     if mask_BS is not None and not isinstance(mask_BS, MASK_TYPES):
       mask_BS = jnp.asarray(mask_BS)
     kvs, aux = [], {}
-    for block, weights, first, count in self.segments():
+
+    def add_aux(losses, per_layer: bool):
+      for name, value in losses.items():
+        aux[name] = aux.get(name, 0.0) + (jnp.sum(value, axis=0) if per_layer else value)
+
+    runs = self.segments()
+    for n, (block, weights, first, count) in enumerate(runs):
       cache_run = None if cache is None else (cache.k_YBSKH[first:first + count],
                                               cache.v_YBSKH[first:first + count])
-      x_BWD, kv, aux_run = self._scan(block, weights, x_BWD, cache_run, count, mask_BS,
-                                      sin_WR, cos_WR, start, return_kv, fresh_from)
-      kvs.append(kv)
-      for name, per_layer in aux_run.items():
-        aux[name] = aux.get(name, 0.0) + jnp.sum(per_layer, axis=0)
+      last_on_rows = rows is not None and n == len(runs) - 1
+      scanned = count - 1 if last_on_rows else count
+      if scanned:
+        run_weights = {k: v[:scanned] for k, v in weights.items()} if last_on_rows else weights
+        x_BWD, kv, aux_run = self._scan(block, run_weights, x_BWD, cache_run, scanned, mask_BS,
+                                        sin_WR, cos_WR, start, return_kv, fresh_from)
+        kvs.append(kv)
+        add_aux(aux_run, per_layer=True)
+      if last_on_rows:  # the last layer: queries, attention and FFN of `rows` only
+        last = {k: v[count - 1] for k, v in weights.items()}
+        x_BWD, kv, aux_last = block(last, x_BWD, mask_BS, sin_WR, cos_WR, cfg, rows=rows)
+        kvs.append(jax.tree.map(lambda a: a[None], kv) if return_kv else None)
+        add_aux(aux_last, per_layer=False)
     x_BWD = rms_norm(x_BWD, self.ln_f[...], cfg.rms_norm_eps)
     kv = None
     if return_kv:
@@ -284,11 +310,13 @@ class Transformer(nnx.Module):
     return out, aux
 
   def forward_with_cache(self, input_ids_BL: jax.Array,
-                         attention_mask_BL: jax.Array | None = None, head: bool = True
-                         ) -> tuple[jax.Array, KVCache]:
+                         attention_mask_BL: jax.Array | None = None, head: bool = True,
+                         rows=None) -> tuple[jax.Array, KVCache]:
     """Full forward that also returns every layer's keys (after RoPE) and values.
-    `head=False`: the final normed hidden states in place of the logits (`head_logits`)."""
-    return self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=True, head=head)[:2]
+    `head=False`: the final normed hidden states in place of the logits (`head_logits`);
+    `rows` as `forward_hidden` (the cache still covers every position)."""
+    return self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=True, head=head,
+                     rows=rows)[:2]
 
   def forward_window(self, window_ids_BW: jax.Array, start, cache: KVCache,
                      attention_mask_BS: jax.Array | None = None, fresh_from=None,
@@ -311,14 +339,17 @@ class Transformer(nnx.Module):
     mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     return apply(graphdef, state, jnp.asarray(input_ids, jnp.int32), mask)
 
-  def forward_hidden(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None
-                     ) -> jax.Array:
+  def forward_hidden(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None,
+                     rows=None) -> jax.Array:
     """`forward` up to the output head: final normed hidden states [B, L, D] (compute dtype).
 
     The logits are `head_logits` of it: x_BLD @ `head_DV()` (float32 accumulation),
     times 1/sqrt(d_model) when `scale_logits`; losses that chunk the vocabulary use this.
+    rows = (r0, Q) (r0 may be traced): positions r0…r0+Q−1 only, [B, Q, D], at the
+    cost of the last layer on Q queries (what a sampler step needs of the canvas).
     """
-    return self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=False, head=False)[0]
+    return self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=False, head=False,
+                     rows=rows)[0]
 
   def head_DV(self) -> jax.Array:
     """The output head [D, V] (param dtype): `ff_out`, or the embedding transposed if tied."""

@@ -61,9 +61,11 @@ def block_logits(model, ids_BL: jax.Array, attn_BL: jax.Array | None, cache: KVC
   """float32 logits [B, block_length, V] of the current `block` (traced), and the cache.
 
   Every policy runs the layers on its window, then the output head on the
-  block's positions only. mode "none": a full forward. "prefix" / "dual": a full
-  forward storing the cache when `refresh` (a traced or Python bool), else the
-  window against `cache`.
+  block's positions only; a full forward runs its last layer's queries,
+  attention and FFN on the block's positions only (`rows`: no other output is
+  used). mode "none": a full forward. "prefix" / "dual": a full forward storing
+  the cache when `refresh` (a traced or Python bool), else the window against
+  `cache`.
   """
   if cache is not None:
     with model.activation_mesh():  # the loop carries it sharded like the activations
@@ -75,12 +77,13 @@ def block_logits(model, ids_BL: jax.Array, attn_BL: jax.Array | None, cache: KVC
     x_BbD = jax.lax.dynamic_slice_in_dim(x_BWD, start - window_start, block_length, axis=1)
     return model.head_logits(x_BbD)
 
+  rows = (start, block_length)  # the last layer runs on the block only
   if mode == "none":
-    return head(model.forward_hidden(ids_BL, attn_BL), 0), cache
+    return model.head_logits(model.forward_hidden(ids_BL, attn_BL, rows=rows)), cache
 
   def full(_):
-    x_BLD, new_cache = model.forward_with_cache(ids_BL, attn_BL, head=False)
-    return head(x_BLD, 0), new_cache
+    x_BbD, new_cache = model.forward_with_cache(ids_BL, attn_BL, head=False, rows=rows)
+    return model.head_logits(x_BbD), new_cache
 
   def dual_window(old_cache):
     ids_BW = jax.lax.dynamic_slice_in_dim(ids_BL, start, block_length, axis=1)
