@@ -2,6 +2,8 @@
 
   python -m benchmarks.block_sampling [--batches 1,8] [--gen_length 256]
       [--block_length 32] [--prompt_len 32] [--repeats 3] [--output out/block_sampling.json]
+  python -m benchmarks.block_sampling --checkpoint runs/block_sft_llada2/block_sft
+      [--task DIR] [--num_test 64] [--thresholds 0.95,2]
 
 Both run `sampling/block.py` on the same small LLaDA2-shaped model with random
 weights (4 layers: 1 dense + 3 MoE of 16 experts, top-4 in 2 of 4 groups, a
@@ -14,6 +16,13 @@ mask (kv_cache=False, what the official code does, but at a static length).
 Reports, per batch, tokens/s (batch x gen_length / wall seconds; min, median,
 max of --repeats after a warm-up call that compiles), model calls, tokens per
 model call, whether the tokens agree, and the load average (the CPU may be shared).
+
+--checkpoint: a trained LLaDA2 (`benchmarks.block_sft --family=llada2`) on
+that task's held-out prompts (chat template, left-padded, the first 1 and 8)
+at its gen_length 16 / block 8, steps 8, per --thresholds (0.95: parallel
+commits; 2: one canvas position per iteration, the canvas being whole blocks
+so a few more than gen_length), the same columns plus exact-match accuracy
+and NFE per token on --num_test lists, cached and recomputed.
 """
 
 from __future__ import annotations

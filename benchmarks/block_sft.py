@@ -1,14 +1,16 @@
 """Block-diffusion SFT on a task with measurable accuracy: does `block_sft` keep it?
 
-  python -m benchmarks.block_sft --workdir runs/block_sft [--output out/block_sft.json]
-      [--sft_steps 400] [--block_steps 150] [--cap_weight 0.5] [--num_test 64] [--skip_train]
+  python -m benchmarks.block_sft [--family llada] [--workdir runs/block_sft]
+      [--output out/block_sft.json] [--sft_steps 400] [--block_steps 150] [--cap_weight 0.5] [--num_test 64] [--skip_train]
       [--digits 6,10]
 
 1. Task: `benchmarks.fast_sampling`'s (sort --digits = 6–10 digits, "3141592" ->
    "1123459"; a list is held out when the MD5 of its text is 0 mod 10), its
    300-token SentencePiece vocabulary, rows of prompt + 16 positions.
 2. `sft`: a configs/tiny.py-shaped LLaDA trained from scratch with the trainer
-   (`kind=sft`, --sft_steps).
+   (`kind=sft`, --sft_steps); --family=llada2: LLADA2_MODEL instead (tiny's
+   sizes and ids, LLaDA2's MoE layers, router, q/k norm, half rotary; default
+   workdir runs/block_sft_llada2), whose `generate` is the block sampler.
 3. `block_sft`: that model fine-tuned with `kind=block_sft` (block 8,
    complementary masking, --block_steps); `block_sft_cap`: the same with the
    CAP term (--cap_weight). Both from the `sft` workdir, same seeds.
@@ -16,7 +18,8 @@
    exact-match accuracy with semi-autoregressive `generate` (gen_length 16,
    block 8) at steps = gen_length, and with threshold 0.9 decoding together
    with its NFE per generated token (what CAP's sharper predictions should
-   lower). Non-timing figures; JSON to stdout (and --output) with the
+   lower); llada2: the block sampler (steps 8 per block) at threshold 2 (one
+   position per iteration) and 0.95 (MODES). Non-timing figures; JSON to stdout (and --output) with the
    training wall seconds and the load average.
 """
 
