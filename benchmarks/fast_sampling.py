@@ -59,12 +59,18 @@ def is_test(digits: str) -> bool:
   return int(hashlib.md5(digits.encode()).hexdigest(), 16) % 10 == 0
 
 
+def task_paths(out_dir: str) -> dict[str, str]:
+  """{"train", "test": JSONL, "tokenizer": dir} of the task `make_task` writes in out_dir."""
+  return {"train": os.path.join(out_dir, "train.jsonl"),
+          "test": os.path.join(out_dir, "test.jsonl"),
+          "tokenizer": os.path.join(out_dir, "tokenizer")}
+
+
 def make_task(out_dir: str, num_train: int = 200_000, num_test: int = 1000, seed: int = 0,
               lengths: tuple[int, int] = (6, 10)) -> dict[str, str]:
   """Writes train/test JSONL ({"prompt", "response"}: sort `lengths[0]`…`lengths[1]`
   digits) and a SentencePiece tokenizer."""
-  paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in ("train", "test")}
-  paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
+  paths = task_paths(out_dir)
   if all(os.path.exists(p) for p in paths.values()):
     return paths
   os.makedirs(out_dir, exist_ok=True)

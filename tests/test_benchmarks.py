@@ -101,3 +101,29 @@ def test_report_writes_the_json_then_one_line_per_row(tmp_path, capsys):
   common.report({"results": [{"n": 1}, {"n": 2}]}, str(path), lambda r: f"row {r['n']}")
   assert json.loads(path.read_text())["results"] == [{"n": 1}, {"n": 2}]
   assert capsys.readouterr().out.strip().splitlines()[-2:] == ["row 1", "row 2"]
+
+
+def test_block_sft_llada2_model_and_a_trained_style_block_sampling_row(tmp_path):
+  """block_sft's llada2 config is a valid LLaDA2 on the task's ids; block_sampling's
+  row on its left-padded chat prompts: same tokens cached vs recompute."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  from benchmarks import block_sampling, block_sft, fast_sampling  # pylint: disable=g-import-not-at-top
+  from llada_jax import models  # pylint: disable=g-import-not-at-top
+  from llada_jax.frontends import settings as frontend  # pylint: disable=g-import-not-at-top
+  paths = fast_sampling.make_task(block_sft.task_dir(str(tmp_path), (4, 6)), num_train=300,
+                                  num_test=20, lengths=(4, 6))
+  tok, records, seq_len = block_sft.load_task(paths, 2)
+  cfg = ModelConfig.from_dict(block_sft.block_config("llada2", paths, seq_len, 2, "", 0.0).model)
+  assert (cfg.family, cfg.moe_layers, cfg.vocab_size) == ("llada2", (0, 1, 1, 1), 300)
+  assert (cfg.mask_token_id, cfg.eos_token_id) == (tok.mask_id, tok.eos_id)
+  rows = fast_sampling.prompt_ids(tok, records)
+  prompt, mask = frontend.left_pad(rows, max(map(len, rows)), tok.pad_id)
+  args = dict(gen_length=block_sft.GEN_LENGTH, block_length=block_sft.BLOCK_LENGTH,
+              steps=block_sft.BLOCK_LENGTH, threshold=0.95)
+  row = block_sampling.compare(models.init(cfg), prompt, mask, args, repeats=1)
+  assert row["same_tokens"] and row["batch"] == 2
+  assert row["cached"]["model_calls"] == row["recompute"]["model_calls"] + 1  # the prefill
+  assert block_sampling.find_task(str(tmp_path / "block_sft"), None) == str(
+      tmp_path / "task_4_6")  # the one task dir next to the checkpoint
+  with pytest.raises(ValueError, match="task: 0 task_"):
+    block_sampling.find_task(str(tmp_path / "elsewhere" / "block_sft"), None)
