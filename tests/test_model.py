@@ -1,5 +1,7 @@
 """The Flax Transformer against the PyTorch reference fixture and first principles."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,3 +213,14 @@ def test_rows_equal_the_full_forward_sliced(reference, scan):
   np.testing.assert_allclose(rows_cache.v_YBSKH, cache.v_YBSKH, atol=5e-5)
   with pytest.raises(ValueError, match="rows: only a forward without a cache"):
     model._run(ids, mask, 0, cache, return_kv=True, rows=(0, 8))  # pylint: disable=protected-access
+
+
+def test_rows_index_the_weight_stacks_in_place():
+  # The scanned layers before the last one read the stacked weights in place: the
+  # compiled program holds no [n_layers - 1, ...] copy of them (at 8B, a second copy).
+  model = model_lib.init(SMALL.replace(scan_layers=True, n_layers=3), seed=3)
+  ids = jnp.zeros((1, 24), jnp.int32)
+  step = jax.jit(lambda r0: model.forward_hidden(ids, None, rows=(r0, 8)))
+  hlo = step.lower(jnp.int32(3)).compile().as_text()
+  assert not re.findall(r"f32\[2,(?:64|96)[,\]]", hlo)
+  assert re.findall(r"f32\[3,(?:64|96)[,\]]", hlo)  # the stacks themselves are there

@@ -140,6 +140,11 @@ def _stacked(group: nnx.Module) -> dict[str, jax.Array]:
   return {k: v[...] for k, v in vars(group).items() if isinstance(v, nnx.Param)}
 
 
+def _stack_length(weights: dict[str, jax.Array]) -> int:
+  """n of weights stacked [n, ...]."""
+  return next(iter(weights.values())).shape[0]
+
+
 class Transformer(nnx.Module):
   """The LLaDA mask predictor: token ids [B, L] -> float32 logits [B, L, V].
 
@@ -184,7 +189,8 @@ class Transformer(nnx.Module):
 
   def _scan(self, block, weights, x_BWD, cache, count, mask_BS, sin_WH, cos_WH, start,
             return_kv, fresh_from):
-    """One run of `count` layers -> (x, (k, v) [count, ...] or None, {aux: [count]})."""
+    """The first `count` layers of `weights` (stacked [n ≥ count, ...]) ->
+    (x, (k, v) [count, ...] or None, {aux: [count]})."""
     cfg = self.config
 
     def layer(x_BWD, xs):
@@ -196,8 +202,14 @@ class Transformer(nnx.Module):
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat_policy],
                              prevent_cse=not cfg.scan_layers)
     xs = (weights, cache)
-    if cfg.scan_layers:
+    if cfg.scan_layers and count == _stack_length(weights):
       x_BWD, (kv, aux) = jax.lax.scan(layer, x_BWD, xs)
+      return x_BWD, kv, aux
+    if cfg.scan_layers:  # the first `count` layers of the stacks, indexed in place (no copy)
+      def layer_at(x_BWD, i):
+        return layer(x_BWD, jax.tree.map(
+            lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), xs))
+      x_BWD, (kv, aux) = jax.lax.scan(layer_at, x_BWD, jnp.arange(count))
       return x_BWD, kv, aux
     outs = []
     for i in range(count):
@@ -261,8 +273,7 @@ class Transformer(nnx.Module):
       last_on_rows = rows is not None and n == len(runs) - 1
       scanned = count - 1 if last_on_rows else count
       if scanned:
-        run_weights = {k: v[:scanned] for k, v in weights.items()} if last_on_rows else weights
-        x_BWD, kv, aux_run = self._scan(block, run_weights, x_BWD, cache_run, scanned, mask_BS,
+        x_BWD, kv, aux_run = self._scan(block, weights, x_BWD, cache_run, scanned, mask_BS,
                                         sin_WR, cos_WR, start, return_kv, fresh_from)
         kvs.append(kv)
         add_aux(aux_run, per_layer=True)
