@@ -165,3 +165,24 @@ def test_rows_equal_the_full_forward_sliced(moe, ref):
   ids = ref["input_ids"]
   full = np.asarray(moe.forward_hidden(ids))
   np.testing.assert_allclose(moe.forward_hidden(ids, rows=(5, 6)), full[:, 5:11], atol=1e-5)
+
+
+@pytest.mark.parametrize("layers", ["moe", "dense_then_moe"])
+def test_unstacked_segments_give_the_same_forward(moe, ref, layers):
+  # Per-layer weights (what a CPU sampler passes as `segments=`) compute what the
+  # stacks do: the full forward, rows, and the cache of a windowed forward.
+  if layers == "dense_then_moe":  # two runs of layers
+    from llada_jax import models  # pylint: disable=g-import-not-at-top
+    moe = models.init(moe.config.replace(moe_layers=(0, 1), shared_expert_hidden_size=16))
+  ids = ref["input_ids"]
+  per_layer = moe.unstacked_segments()
+  assert [len(w) for _, w, _, _ in per_layer] == [n for _, _, _, n in moe.segments()]
+  full, cache = moe.forward_with_cache(ids, head=False)
+  got, got_cache = moe.forward_with_cache(ids, head=False, segments=per_layer)
+  np.testing.assert_allclose(got, full, atol=1e-5)
+  np.testing.assert_allclose(got_cache.k_YBSKH, cache.k_YBSKH, atol=1e-5)
+  np.testing.assert_allclose(moe.forward_hidden(ids, rows=(5, 6), segments=per_layer),
+                             full[:, 5:11], atol=1e-5)
+  window, _ = moe.forward_window(ids[:, 4:8], 4, cache, head=False)
+  got_window, _ = moe.forward_window(ids[:, 4:8], 4, cache, head=False, segments=per_layer)
+  np.testing.assert_allclose(got_window, window, atol=1e-5)

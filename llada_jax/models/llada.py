@@ -187,10 +187,25 @@ class Transformer(nnx.Module):
     """
     return [(block_forward, _stacked(self.blocks), 0, self.config.n_layers)]
 
+  def unstacked_segments(self) -> list[tuple[Any, list[dict[str, jax.Array]], int, int]]:
+    """`segments` with each run's weights as n per-layer dicts, for the forwards'
+    `segments=` argument. A sampler makes them once, before its step loop: XLA:CPU
+    copies a layer's weights out of the stacks at every read (the dots cannot read
+    a slice in place), which inside the loop is a full weight copy per step. The
+    unrolled layers then read the per-layer arrays directly (on CPU, memory for a
+    second copy of the layer weights while the sampler runs)."""
+    return [(block, [{k: v[i] for k, v in weights.items()} for i in range(count)], first, count)
+            for block, weights, first, count in self.segments()]
+
+  def segments_for_loop(self):
+    """`segments=` for forwards inside a loop: `unstacked_segments()` on CPU, made
+    once where this is called; None elsewhere (TPU / GPU dots read the stacks in place)."""
+    return self.unstacked_segments() if jax.default_backend() == "cpu" else None
+
   def _scan(self, block, weights, x_BWD, cache, count, mask_BS, sin_WH, cos_WH, start,
             return_kv, fresh_from):
-    """The first `count` layers of `weights` (stacked [n ≥ count, ...]) ->
-    (x, (k, v) [count, ...] or None, {aux: [count]})."""
+    """The first `count` layers of `weights` (stacked [n ≥ count, ...], or a list of
+    per-layer dicts: unrolled) -> (x, (k, v) [count, ...] or None, {aux: [count]})."""
     cfg = self.config
 
     def layer(x_BWD, xs):
@@ -201,6 +216,10 @@ class Transformer(nnx.Module):
     if cfg.remat_policy != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat_policy],
                              prevent_cse=not cfg.scan_layers)
+    if isinstance(weights, list):  # per-layer weights (`unstacked_segments`)
+      return self._unrolled(layer, x_BWD, [(weights[i], None if cache is None else
+                                           jax.tree.map(lambda a, i=i: a[i], cache))
+                                          for i in range(count)])
     xs = (weights, cache)
     if cfg.scan_layers and count == _stack_length(weights):
       x_BWD, (kv, aux) = jax.lax.scan(layer, x_BWD, xs)
@@ -211,28 +230,34 @@ class Transformer(nnx.Module):
             lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), xs))
       x_BWD, (kv, aux) = jax.lax.scan(layer_at, x_BWD, jnp.arange(count))
       return x_BWD, kv, aux
+    return self._unrolled(layer, x_BWD, [jax.tree.map(lambda a, i=i: a[i], xs)
+                                         for i in range(count)])
+
+  @staticmethod
+  def _unrolled(layer, x_BWD, xs_per_layer):
     outs = []
-    for i in range(count):
-      x_BWD, out_i = layer(x_BWD, jax.tree.map(lambda a, i=i: a[i], xs))
+    for xs in xs_per_layer:
+      x_BWD, out_i = layer(x_BWD, xs)
       outs.append(out_i)
     kv, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
     return x_BWD, kv, aux
 
   def _run(self, ids_BW, mask_BS, start, cache: KVCache | None, return_kv: bool,
            fresh_from=None, head: bool = True, positions_W=None, embed_noise_BWD=None,
-           rows=None):
+           rows=None, segments=None):
     """Embed -> runs of scanned layers -> ln_f -> head, for positions start…start+W−1
     (or the RoPE positions `positions_W` [W]; `embed_noise_BWD` is added to the embeddings).
     rows = (r0, Q) (no cache; r0 may be traced): outputs of positions r0…r0+Q−1
     of the window only — the last layer runs its queries, attention and FFN on
     them alone (every position's keys/values, so the same values as slicing).
+    segments: `unstacked_segments()` made once outside a loop (default `segments()`).
 
     -> (logits [B, W, V] float32, KVCache or None, {aux loss: [] summed over layers});
     `head=False` stops after ln_f: hidden states [B, W, D] in place of the logits.
     """
     with self.activation_mesh():
       return self._layers(ids_BW, mask_BS, start, cache, return_kv, fresh_from, head,
-                          positions_W, embed_noise_BWD, rows)
+                          positions_W, embed_noise_BWD, rows, segments)
 
   def activation_mesh(self):
     """The model's own mesh as the `sharding.activation_mesh` (else the caller's)."""
@@ -241,7 +266,7 @@ class Transformer(nnx.Module):
     return sharding.activation_mesh(self.mesh, self.rules)
 
   def _layers(self, ids_BW, mask_BS, start, cache, return_kv, fresh_from, head,
-              positions_W=None, embed_noise_BWD=None, rows=None):
+              positions_W=None, embed_noise_BWD=None, rows=None, segments=None):
     cfg = self.config
     if rows is not None and cache is not None:
       raise ValueError("rows: only a forward without a cache runs part of the last layer")
@@ -266,7 +291,7 @@ class Transformer(nnx.Module):
       for name, value in losses.items():
         aux[name] = aux.get(name, 0.0) + (jnp.sum(value, axis=0) if per_layer else value)
 
-    runs = self.segments()
+    runs = self.segments() if segments is None else segments
     for n, (block, weights, first, count) in enumerate(runs):
       cache_run = None if cache is None else (cache.k_YBSKH[first:first + count],
                                               cache.v_YBSKH[first:first + count])
@@ -278,7 +303,8 @@ class Transformer(nnx.Module):
         kvs.append(kv)
         add_aux(aux_run, per_layer=True)
       if last_on_rows:  # the last layer: queries, attention and FFN of `rows` only
-        last = {k: v[count - 1] for k, v in weights.items()}
+        last = (weights[count - 1] if isinstance(weights, list)
+                else {k: v[count - 1] for k, v in weights.items()})
         x_BWD, kv, aux_last = block(last, x_BWD, mask_BS, sin_WR, cos_WR, cfg, rows=rows)
         kvs.append(jax.tree.map(lambda a: a[None], kv) if return_kv else None)
         add_aux(aux_last, per_layer=False)
@@ -322,16 +348,16 @@ class Transformer(nnx.Module):
 
   def forward_with_cache(self, input_ids_BL: jax.Array,
                          attention_mask_BL: jax.Array | None = None, head: bool = True,
-                         rows=None) -> tuple[jax.Array, KVCache]:
+                         rows=None, segments=None) -> tuple[jax.Array, KVCache]:
     """Full forward that also returns every layer's keys (after RoPE) and values.
     `head=False`: the final normed hidden states in place of the logits (`head_logits`);
-    `rows` as `forward_hidden` (the cache still covers every position)."""
+    `rows`, `segments` as `forward_hidden` (the cache still covers every position)."""
     return self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=True, head=head,
-                     rows=rows)[:2]
+                     rows=rows, segments=segments)[:2]
 
   def forward_window(self, window_ids_BW: jax.Array, start, cache: KVCache,
                      attention_mask_BS: jax.Array | None = None, fresh_from=None,
-                     head: bool = True) -> tuple[jax.Array, KVCache]:
+                     head: bool = True, segments=None) -> tuple[jax.Array, KVCache]:
     """Positions start…start+W−1 only, attending to all S cached positions.
 
     The window's fresh keys/values replace the cache's rows there (returned
@@ -339,10 +365,11 @@ class Transformer(nnx.Module):
     With `fresh_from` (may be traced), window positions before it keep their
     cached keys/values in every layer: their own outputs are then meaningless,
     and positions from `fresh_from` on see exactly the cache there.
+    `segments` as `forward_hidden`.
     -> (logits [B, W, V] float32 (hidden states with `head=False`), updated KVCache).
     """
     return self._run(window_ids_BW, attention_mask_BS, start, cache, return_kv=True,
-                     fresh_from=fresh_from, head=head)[:2]
+                     fresh_from=fresh_from, head=head, segments=segments)[:2]
 
   def __call__(self, input_ids, attention_mask=None) -> jax.Array:
     """Jitted forward: int [B, L] (+ {0,1} mask [B, L]) -> float32 [B, L, V]."""
@@ -351,16 +378,17 @@ class Transformer(nnx.Module):
     return apply(graphdef, state, jnp.asarray(input_ids, jnp.int32), mask)
 
   def forward_hidden(self, input_ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None,
-                     rows=None) -> jax.Array:
+                     rows=None, segments=None) -> jax.Array:
     """`forward` up to the output head: final normed hidden states [B, L, D] (compute dtype).
 
     The logits are `head_logits` of it: x_BLD @ `head_DV()` (float32 accumulation),
     times 1/sqrt(d_model) when `scale_logits`; losses that chunk the vocabulary use this.
     rows = (r0, Q) (r0 may be traced): positions r0…r0+Q−1 only, [B, Q, D], at the
     cost of the last layer on Q queries (what a sampler step needs of the canvas).
+    segments: `unstacked_segments()`, made once before a loop of forwards (else the stacks).
     """
     return self._run(input_ids_BL, attention_mask_BL, 0, None, return_kv=False, head=False,
-                     rows=rows)[0]
+                     rows=rows, segments=segments)[0]
 
   def head_DV(self) -> jax.Array:
     """The output head [D, V] (param dtype): `ff_out`, or the embedding transposed if tied."""

@@ -94,9 +94,10 @@ class Transformer(llada_moe.Transformer):
   bidirectionally (over real keys), an int block-causally (`layers.masks`).
   """
 
-  def forward(self, input_ids_BL, attention_mask_BL=None, block_length: int | None = None):
+  def forward(self, input_ids_BL, attention_mask_BL=None, block_length: int | None = None,
+              segments=None):
     mask = attention_mask(attention_mask_BL, block_length)
-    return self._run(input_ids_BL, mask, 0, None, return_kv=False)[0]
+    return self._run(input_ids_BL, mask, 0, None, return_kv=False, segments=segments)[0]
 
   def forward_with_aux(self, input_ids_BL, attention_mask_BL=None, head: bool = True,
                        block_length: int | None = None, **training_inputs):
@@ -106,17 +107,17 @@ class Transformer(llada_moe.Transformer):
                                     head, **training_inputs)
 
   def forward_with_cache(self, input_ids_BL, attention_mask_BL=None,
-                         block_length: int | None = None):
+                         block_length: int | None = None, segments=None):
     mask = attention_mask(attention_mask_BL, block_length)
-    return self._run(input_ids_BL, mask, 0, None, return_kv=True)[:2]
+    return self._run(input_ids_BL, mask, 0, None, return_kv=True, segments=segments)[:2]
 
   def forward_window(self, window_ids_BW, start, cache, attention_mask_BS=None,
-                     fresh_from=None, block_length: int | None = None):
+                     fresh_from=None, block_length: int | None = None, segments=None):
     """`llada.Transformer.forward_window`; with `block_length` the window's
     queries (positions start…) see the cached keys of their block and before only."""
     mask = attention_mask(attention_mask_BS, block_length, start)
     return self._run(window_ids_BW, mask, start, cache, return_kv=True,
-                     fresh_from=fresh_from)[:2]
+                     fresh_from=fresh_from, segments=segments)[:2]
 
   def __call__(self, input_ids, attention_mask=None, block_length: int | None = None):
     """Jitted forward: int [B, L] (+ {0,1} mask [B, L]) -> float32 [B, L, V]."""

@@ -103,8 +103,9 @@ class _Carry(NamedTuple):
   nfe: jax.Array  # int32 model calls so far
 
 
-def _block_logits(model, c: _Carry, k, s: BlockSettings, first: bool):
-  """float32 logits [B, b, V] of block k, and the cache.
+def _block_logits(model, c: _Carry, k, s: BlockSettings, first: bool, segments):
+  """float32 logits [B, b, V] of block k, and the cache (`segments`: the model's
+  `segments_for_loop()`).
 
   With the cache, the first iteration of a block runs blocks k-1 and k (the
   window writes block k-1's final keys/values; for k = 0 it runs blocks 0, 1,
@@ -112,11 +113,12 @@ def _block_logits(model, c: _Carry, k, s: BlockSettings, first: bool):
   """
   bl = s.block_length
   if not s.kv_cache:
-    logits_BSV = model.forward(c.x_BS, None, block_length=bl)
+    logits_BSV = model.forward(c.x_BS, None, block_length=bl, segments=segments)
     return jax.lax.dynamic_slice_in_dim(logits_BSV, k * bl, bl, axis=1), c.cache
   start = jnp.maximum(k - 1, 0) * bl if first else k * bl
   ids_BW = jax.lax.dynamic_slice_in_dim(c.x_BS, start, 2 * bl if first else bl, axis=1)
-  logits_BWV, cache = model.forward_window(ids_BW, start, c.cache, block_length=bl)
+  logits_BWV, cache = model.forward_window(ids_BW, start, c.cache, block_length=bl,
+                                           segments=segments)
   return jax.lax.dynamic_slice_in_dim(logits_BWV, k * bl - start, bl, axis=1), cache
 
 
@@ -179,6 +181,7 @@ def _loop_parts(model, fixed_BS, len_B, rng, kn: Knobs, s: BlockSettings):
     after `steps` iterations (LLaDA2.0); each commits n masked positions by
     `transfer_mask` and rewrites changed, confident, decoded ones (LLaDA2.1)."""
     fixed_Bb = block_of(fixed_BS, k)
+    segments = model.segments_for_loop()  # per-layer weights made once a block on CPU
 
     def pre(c, post_B, done_B):
       has_B = jnp.any(block_of(c.x_BS, k) == mask_id, axis=1)
@@ -188,7 +191,7 @@ def _loop_parts(model, fixed_BS, len_B, rng, kn: Knobs, s: BlockSettings):
     def step(st, first):
       i, c, post_B, done_B = st
       post_B, done_B, has_B = pre(c, post_B, done_B)
-      logits_BbV, cache = _block_logits(model, c, k, s, first)
+      logits_BbV, cache = _block_logits(model, c, k, s, first, segments)
       x0_Bb, p_Bb = _choose(logits_BbV, jax.random.fold_in(jax.random.fold_in(rng, k), i),
                             kn.temperature)
       blk_Bb = block_of(c.x_BS, k)

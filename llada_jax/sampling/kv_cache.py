@@ -56,8 +56,8 @@ def empty_cache(cfg, batch: int, length: int) -> KVCache:
 
 
 def block_logits(model, ids_BL: jax.Array, attn_BL: jax.Array | None, cache: KVCache | None,
-                 *, mode: str, gen_length: int, block_length: int, block, refresh
-                 ) -> tuple[jax.Array, KVCache | None]:
+                 *, mode: str, gen_length: int, block_length: int, block, refresh,
+                 segments=None) -> tuple[jax.Array, KVCache | None]:
   """float32 logits [B, block_length, V] of the current `block` (traced), and the cache.
 
   Every policy runs the layers on its window, then the output head on the
@@ -65,7 +65,7 @@ def block_logits(model, ids_BL: jax.Array, attn_BL: jax.Array | None, cache: KVC
   attention and FFN on the block's positions only (`rows`: no other output is
   used). mode "none": a full forward. "prefix" / "dual": a full forward storing
   the cache when `refresh` (a traced or Python bool), else the window against
-  `cache`.
+  `cache`. `segments`: the model's `segments_for_loop()`, made outside the step loop.
   """
   if cache is not None:
     with model.activation_mesh():  # the loop carries it sharded like the activations
@@ -79,20 +79,23 @@ def block_logits(model, ids_BL: jax.Array, attn_BL: jax.Array | None, cache: KVC
 
   rows = (start, block_length)  # the last layer runs on the block only
   if mode == "none":
-    return model.head_logits(model.forward_hidden(ids_BL, attn_BL, rows=rows)), cache
+    return (model.head_logits(model.forward_hidden(ids_BL, attn_BL, rows=rows,
+                                                   segments=segments)), cache)
 
   def full(_):
-    x_BbD, new_cache = model.forward_with_cache(ids_BL, attn_BL, head=False, rows=rows)
+    x_BbD, new_cache = model.forward_with_cache(ids_BL, attn_BL, head=False, rows=rows,
+                                                segments=segments)
     return model.head_logits(x_BbD), new_cache
 
   def dual_window(old_cache):
     ids_BW = jax.lax.dynamic_slice_in_dim(ids_BL, start, block_length, axis=1)
-    x_BWD, new_cache = model.forward_window(ids_BW, start, old_cache, attn_BL, head=False)
+    x_BWD, new_cache = model.forward_window(ids_BW, start, old_cache, attn_BL, head=False,
+                                            segments=segments)
     return model.head_logits(x_BWD), new_cache
 
   def prefix_window(width: int, old_cache):
     x_BWD, _ = model.forward_window(ids_BL[:, L - width:], L - width, old_cache, attn_BL,
-                                    fresh_from=start, head=False)
+                                    fresh_from=start, head=False, segments=segments)
     # The window recomputes all its positions every step: keep the refresh cache.
     return head(x_BWD, L - width), old_cache
 

@@ -126,8 +126,10 @@ def _record(trace, x_BL, revealed_BW, prob_BW, start_in_gen, row):
   return canvas_SBL.at[row].set(x_BL), conf_BG, step_BG
 
 
-def step(model, c: Carry, k: Consts, b, i, t, masks_B, s: Settings, refresh=None) -> Carry:
+def step(model, c: Carry, k: Consts, b, i, t, masks_B, s: Settings, refresh=None,
+         segments=None) -> Carry:
   """Step i of block b (t: its noise index): logits of the block, then `decoding.reveal`.
+  segments: the model's `segments_for_loop()`, made before the step loop.
 
   refresh: whether a cached policy recomputes its cache (a Python bool: one
   program, no `lax.cond`); None: every `cache_refresh` steps of the block.
@@ -141,7 +143,7 @@ def step(model, c: Carry, k: Consts, b, i, t, masks_B, s: Settings, refresh=None
   ids_BL = guidance_batch(model, c.x_BL, k.fixed_BL) if s.cfg else c.x_BL
   logits_BbV, cache = kv_cache.block_logits(
       model, ids_BL, k.attn_BL, c.cache, mode=s.cache, gen_length=G, block_length=bl,
-      block=b, refresh=refresh)
+      block=b, refresh=refresh, segments=segments)
   if s.cfg:
     logits_BbV = combine_guidance(logits_BbV, k.cfg_scale)
   if s.logits_eos_inf:
@@ -177,22 +179,23 @@ def block(model, c: Carry, k: Consts, b, s: Settings) -> tuple[Carry, jax.Array]
   """Every step of block b -> (carry, whether every row has stopped: with
   stop_at_eos, all rows hold EOS / EoT in blocks ≤ b; the masks left are then EOS)."""
   spb, bl = s.steps_per_block, s.block_length
+  segments = model.segments_for_loop()  # per-layer weights, once a block (CPU)
   if s.rule == "fixed":
     masks_B = _masks_in_block(model, c.x_BL, b, s)
     first = 0
     if s.cache != "none" and s.cache_refresh is None:  # step 0 refreshes, the others not
-      c = step(model, c, k, b, 0, b * spb, masks_B, s, refresh=True)
+      c = step(model, c, k, b, 0, b * spb, masks_B, s, refresh=True, segments=segments)
       first = 1
     c = jax.lax.fori_loop(
         first, spb, lambda i, c: step(model, c, k, b, i, b * spb + i, masks_B, s,
-                                      refresh=False if first else None), c)
+                                      refresh=False if first else None, segments=segments), c)
   else:  # threshold / factor: until the block has no masks left (at most bl steps).
     def cond(ic):
       return (ic[0] < bl) & jnp.any(_masks_in_block(model, ic[1].x_BL, b, s) > 0)
 
     def body(ic):
       i, c = ic
-      return i + 1, step(model, c, k, b, i, b * bl + i, None, s)
+      return i + 1, step(model, c, k, b, i, b * bl + i, None, s, segments=segments)
 
     c = jax.lax.while_loop(cond, body, (jnp.int32(0), c))[1]
   if not s.stop_at_eos:
