@@ -30,8 +30,8 @@ def _full_last_layer(forward_hidden):
   """`forward_hidden` that runs the whole last layer and slices the rows afterwards."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  def full(self, ids, mask=None, rows=None):
-    x_BLD = forward_hidden(self, ids, mask)
+  def full(self, ids, mask=None, rows=None, segments=None):
+    x_BLD = forward_hidden(self, ids, mask, segments=segments)
     return x_BLD if rows is None else jax.lax.dynamic_slice_in_dim(x_BLD, rows[0], rows[1], 1)
   return full
 
