@@ -224,3 +224,13 @@ def test_rows_index_the_weight_stacks_in_place():
   hlo = step.lower(jnp.int32(3)).compile().as_text()
   assert not re.findall(r"f32\[2,(?:64|96)[,\]]", hlo)
   assert re.findall(r"f32\[3,(?:64|96)[,\]]", hlo)  # the stacks themselves are there
+
+
+def test_segments_for_loop_unstack_on_cpu_within_the_memory_bound(monkeypatch):
+  model = model_lib.init(SMALL, seed=3)
+  (_, per_layer, _, n), = model.segments_for_loop()
+  assert n == SMALL.n_layers and len(per_layer) == n
+  assert per_layer[1]["ff_proj"].shape == model.blocks.ff_proj.shape[1:]
+  np.testing.assert_array_equal(per_layer[1]["ff_proj"], model.blocks.ff_proj[1])
+  monkeypatch.setattr(model_lib, "UNSTACK_MAX_BYTES", 1000)  # a bigger model: the stacks
+  assert model.segments_for_loop() is None

@@ -140,6 +140,10 @@ def _stacked(group: nnx.Module) -> dict[str, jax.Array]:
   return {k: v[...] for k, v in vars(group).items() if isinstance(v, nnx.Param)}
 
 
+# The most layer-weight bytes `segments_for_loop` copies into per-layer arrays (CPU).
+UNSTACK_MAX_BYTES = 4 << 30
+
+
 def _stack_length(weights: dict[str, jax.Array]) -> int:
   """n of weights stacked [n, ...]."""
   return next(iter(weights.values())).shape[0]
@@ -199,8 +203,14 @@ class Transformer(nnx.Module):
 
   def segments_for_loop(self):
     """`segments=` for forwards inside a loop: `unstacked_segments()` on CPU, made
-    once where this is called; None elsewhere (TPU / GPU dots read the stacks in place)."""
-    return self.unstacked_segments() if jax.default_backend() == "cpu" else None
+    once where this is called, when the layer weights are at most
+    `UNSTACK_MAX_BYTES` (their second copy must fit next to them); None otherwise
+    (the stacks: TPU / GPU dots read them in place)."""
+    weights = [w for _, run, _, _ in self.segments() for w in run.values()]
+    size = sum(w.size * w.dtype.itemsize for w in weights)
+    if jax.default_backend() != "cpu" or size > UNSTACK_MAX_BYTES:
+      return None
+    return self.unstacked_segments()
 
   def _scan(self, block, weights, x_BWD, cache, count, mask_BS, sin_WH, cos_WH, start,
             return_kv, fresh_from):
