@@ -39,7 +39,8 @@ from llada_jax.models.llada import REMAT_POLICIES
 # ~100M parameters: 12 layers of d_model 768 (85M) + a 32k vocabulary in and out (49M).
 # remat "save_dots": backward recomputes the elementwise work (the attention softmax
 # among it) from the saved matmul outputs; on this CPU that is faster than storing every
-# activation ("none", the tiny config's) per layer, ~8.4 vs ~7.6 s a step.
+# activation ("none", the tiny config's) per layer: 7.66 vs 8.15 s a step
+# (benchmarks/results/train.json, train_remat_none.json).
 MODEL_100M = dict(d_model=768, n_heads=12, n_kv_heads=12, n_layers=12, mlp_hidden_size=2048,
                   vocab_size=32768, embedding_size=32768, max_sequence_length=1024,
                   remat_policy="save_dots")

@@ -149,6 +149,17 @@ def _stack_length(weights: dict[str, jax.Array]) -> int:
   return next(iter(weights.values())).shape[0]
 
 
+def _layer(weights, i: int) -> dict[str, jax.Array]:
+  """Layer i's weights of a run: stacked {name: [n, ...]} or a list of per-layer dicts."""
+  return weights[i] if isinstance(weights, list) else {k: v[i] for k, v in weights.items()}
+
+
+def _unstack(runs):
+  """`segments`-style runs with each run's weights as its list of per-layer dicts."""
+  return [(block, [_layer(weights, i) for i in range(count)], first, count)
+          for block, weights, first, count in runs]
+
+
 class Transformer(nnx.Module):
   """The LLaDA mask predictor: token ids [B, L] -> float32 logits [B, L, V].
 
@@ -198,19 +209,18 @@ class Transformer(nnx.Module):
     a slice in place), which inside the loop is a full weight copy per step. The
     unrolled layers then read the per-layer arrays directly (on CPU, memory for a
     second copy of the layer weights while the sampler runs)."""
-    return [(block, [{k: v[i] for k, v in weights.items()} for i in range(count)], first, count)
-            for block, weights, first, count in self.segments()]
+    return _unstack(self.segments())
 
   def segments_for_loop(self):
     """`segments=` for forwards inside a loop: `unstacked_segments()` on CPU, made
     once where this is called, when the layer weights are at most
     `UNSTACK_MAX_BYTES` (their second copy must fit next to them); None otherwise
     (the stacks: TPU / GPU dots read them in place)."""
-    weights = [w for _, run, _, _ in self.segments() for w in run.values()]
-    size = sum(w.size * w.dtype.itemsize for w in weights)
+    runs = self.segments()
+    size = sum(w.size * w.dtype.itemsize for _, run, _, _ in runs for w in run.values())
     if jax.default_backend() != "cpu" or size > UNSTACK_MAX_BYTES:
       return None
-    return self.unstacked_segments()
+    return _unstack(runs)
 
   def _scan(self, block, weights, x_BWD, cache, count, mask_BS, sin_WH, cos_WH, start,
             return_kv, fresh_from):
@@ -226,30 +236,22 @@ class Transformer(nnx.Module):
     if cfg.remat_policy != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat_policy],
                              prevent_cse=not cfg.scan_layers)
-    if isinstance(weights, list):  # per-layer weights (`unstacked_segments`)
-      return self._unrolled(layer, x_BWD, [(weights[i], None if cache is None else
-                                           jax.tree.map(lambda a, i=i: a[i], cache))
-                                          for i in range(count)])
+    if isinstance(weights, list) or not cfg.scan_layers:  # unrolled
+      outs = []
+      for i in range(count):
+        x_BWD, out_i = layer(x_BWD, (_layer(weights, i), jax.tree.map(lambda a, i=i: a[i], cache)))
+        outs.append(out_i)
+      kv, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+      return x_BWD, kv, aux
     xs = (weights, cache)
-    if cfg.scan_layers and count == _stack_length(weights):
+    if count == _stack_length(weights):
       x_BWD, (kv, aux) = jax.lax.scan(layer, x_BWD, xs)
       return x_BWD, kv, aux
-    if cfg.scan_layers:  # the first `count` layers of the stacks, indexed in place (no copy)
-      def layer_at(x_BWD, i):
-        return layer(x_BWD, jax.tree.map(
-            lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), xs))
-      x_BWD, (kv, aux) = jax.lax.scan(layer_at, x_BWD, jnp.arange(count))
-      return x_BWD, kv, aux
-    return self._unrolled(layer, x_BWD, [jax.tree.map(lambda a, i=i: a[i], xs)
-                                         for i in range(count)])
 
-  @staticmethod
-  def _unrolled(layer, x_BWD, xs_per_layer):
-    outs = []
-    for xs in xs_per_layer:
-      x_BWD, out_i = layer(x_BWD, xs)
-      outs.append(out_i)
-    kv, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    def layer_at(x_BWD, i):  # the first `count` layers of the stacks, indexed in place (no copy)
+      return layer(x_BWD, jax.tree.map(
+          lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), xs))
+    x_BWD, (kv, aux) = jax.lax.scan(layer_at, x_BWD, jnp.arange(count))
     return x_BWD, kv, aux
 
   def _run(self, ids_BW, mask_BS, start, cache: KVCache | None, return_kv: bool,
@@ -313,9 +315,8 @@ class Transformer(nnx.Module):
         kvs.append(kv)
         add_aux(aux_run, per_layer=True)
       if last_on_rows:  # the last layer: queries, attention and FFN of `rows` only
-        last = (weights[count - 1] if isinstance(weights, list)
-                else {k: v[count - 1] for k, v in weights.items()})
-        x_BWD, kv, aux_last = block(last, x_BWD, mask_BS, sin_WR, cos_WR, cfg, rows=rows)
+        x_BWD, kv, aux_last = block(_layer(weights, count - 1), x_BWD, mask_BS, sin_WR, cos_WR,
+                                    cfg, rows=rows)
         kvs.append(jax.tree.map(lambda a: a[None], kv) if return_kv else None)
         add_aux(aux_last, per_layer=False)
     x_BWD = rms_norm(x_BWD, self.ln_f[...], cfg.rms_norm_eps)
