@@ -61,13 +61,25 @@ def busy() -> bool:
   return os.getloadavg()[0] > BUSY_LOAD_PER_CPU * (os.cpu_count() or 1)
 
 
+def cpu_model() -> str:
+  """The CPU's model name (`/proc/cpuinfo`, else `platform.processor()`)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
 def machine() -> dict[str, Any]:
   """What ran the benchmark, with the load average at the start (warns when busy)."""
   if busy():
     print(f"warning: load average {load_average()} on {os.cpu_count()} CPUs: other jobs "
           f"share the machine; timings are indicative only", file=sys.stderr, flush=True)
   return {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-          "cpu_count": os.cpu_count(), "platform": platform.platform(),
+          "cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
           "jax": jax.__version__, "load_average_start": load_average(), "busy": busy()}
 
 
