@@ -137,6 +137,7 @@ def load_model(path: str, family: str):
 def run(workdir: str, *, family: str, lengths: tuple[int, int], sft_steps: int,
         block_steps: int, cap_weight: float, num_test: int, skip_train: bool) -> dict:
   workdir = os.path.abspath(workdir)  # Orbax reads absolute paths only
+  machine = common.machine()  # the load average before any work
   paths = fast_sampling.make_task(task_dir(workdir, lengths), num_train=50_000, num_test=500,
                                   lengths=lengths)
   tok, records, seq_len = load_task(paths, num_test)
@@ -163,7 +164,7 @@ def run(workdir: str, *, family: str, lengths: tuple[int, int], sft_steps: int,
           "gen_length": GEN_LENGTH, "block_length": BLOCK_LENGTH, "seq_len": seq_len,
           "num_test": len(records), "sft_steps": sft_steps, "block_steps": block_steps,
           "cap_weight": cap_weight, "train_seconds": seconds,
-          "load_average": os.getloadavg(), "machine": common.machine(), "results": results}
+          "load_average": os.getloadavg(), "machine": machine, "results": results}
 
 
 def main(argv):

@@ -145,9 +145,22 @@ def run_mode(model, tok, records, mode: dict, repeats: int) -> dict:
   return result
 
 
+def add_ratios(results: list[dict]) -> list[dict]:
+  """Each `run_mode` result with its speed-ups (median tokens/s at batch 1 and 8) and
+  accuracy change in points, both against the first (the baseline setting)."""
+  base = results[0]
+  for r in results:
+    for batch in (1, 8):
+      r[f"speedup_batch{batch}"] = (r[f"batch{batch}"]["tokens_per_s"]["median"]
+                                    / base[f"batch{batch}"]["tokens_per_s"]["median"])
+    r["accuracy_change_points"] = 100 * (r["accuracy"] - base["accuracy"])
+  return results
+
+
 def run(workdir: str, *, stage1_steps: int, stage2_steps: int, num_test: int, repeats: int,
         skip_train: bool) -> dict:
   workdir = os.path.abspath(workdir)  # Orbax reads absolute paths only
+  machine = common.machine()  # the load average before any work
   paths = make_task(os.path.join(workdir, "task"))
   tok = tokenizer_lib.load_tokenizer(paths["tokenizer"])
   stage1, stage2 = os.path.join(workdir, "stage1"), os.path.join(workdir, "stage2")
@@ -165,16 +178,11 @@ def run(workdir: str, *, stage1_steps: int, stage2_steps: int, num_test: int, re
                      lr=1e-3, init_from=stage1), stage2)
     train_seconds = time.perf_counter() - start
   model = llada_jax.load(stage2)
-  results = [run_mode(model, tok, records, mode, repeats) for mode in MODES]
-  base = results[0]
-  for r in results:
-    r["speedup_batch1"] = r["batch1"]["tokens_per_s"] / base["batch1"]["tokens_per_s"]
-    r["speedup_batch8"] = r["batch8"]["tokens_per_s"] / base["batch8"]["tokens_per_s"]
-    r["accuracy_change_points"] = 100 * (r["accuracy"] - base["accuracy"])
+  results = add_ratios([run_mode(model, tok, records, mode, repeats) for mode in MODES])
   return {"task": "sort 6-10 digits", "gen_length": GEN_LENGTH, "block_length": BLOCK_LENGTH,
           "num_test": len(records), "train_seconds": train_seconds,
           "stage1_steps": stage1_steps, "stage2_steps": stage2_steps,
-          "params": model.config.num_params(), "machine": common.machine(), "results": results}
+          "params": model.config.num_params(), "machine": machine, "results": results}
 
 
 def main(argv):

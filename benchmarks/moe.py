@@ -65,6 +65,7 @@ def _params(E: int, D: int, F: int) -> dict[str, np.ndarray]:
 def run(tokens: int, d_model: int, hidden: int, experts: Sequence[int], ks: Sequence[int],
         impls: Sequence[str], backward: bool = False, repeats: int = 7) -> dict:
   x = np.random.default_rng(1).normal(size=(tokens, d_model)).astype(np.float32)
+  machine = common.machine()  # the load average before any work
   load_before = os.getloadavg()
   cases = [(impl, E, k) for k in ks for E in experts for impl in impls]
   params = {E: _params(E, d_model, hidden) for E in experts}
@@ -86,7 +87,7 @@ def run(tokens: int, d_model: int, hidden: int, experts: Sequence[int], ks: Sequ
       ratios[f"k={k} {impl} E={max(experts)}/E={min(experts)}"] = {
           key: hi[key] / lo[key]
           for key in ("seconds_min", "seconds_median", "cpu_seconds_median")}
-  return {"benchmark": "moe", "machine": common.machine(),
+  return {"benchmark": "moe", "machine": machine,
           "load_average_1_5_15_before": load_before, "load_average_1_5_15_after": os.getloadavg(),
           "tokens": tokens, "d_model": d_model, "hidden": hidden, "dtype": "float32",
           "pass": "forward+backward" if backward else "forward", "repeats": repeats,

@@ -98,6 +98,7 @@ def run_round(url: str, clients: int, per_client: int) -> tuple[float, int]:
 
 def run(checkpoint: str, clients: list[int], requests_per_client: int, repeats: int,
         batch_size: int, batch_window_ms: float, **generate_settings) -> dict:
+  machine = common.machine()  # the load average before any work
   model = loading.load(checkpoint)
   tok = load_tokenizer(checkpoint)
   settings = {**settings_lib.SAMPLER_ARGS, "seed": 0, **generate_settings}
@@ -131,7 +132,7 @@ def run(checkpoint: str, clients: list[int], requests_per_client: int, repeats: 
     httpd.shutdown()
     httpd.server_close()
     state.close()
-  return {"benchmark": "serve", "checkpoint": checkpoint, "machine": common.machine(),
+  return {"benchmark": "serve", "checkpoint": checkpoint, "machine": machine,
           "settings": {k: settings[k] for k in ("gen_length", "steps", "block_length")},
           "batch_size": batch_size, "batch_window_ms": batch_window_ms,
           "requests_per_client": requests_per_client, "repeats": repeats, "results": results}

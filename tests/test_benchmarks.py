@@ -44,6 +44,17 @@ def test_fast_sampling_task_is_split_by_construction(tmp_path):
   assert tok.encode("0123") == [tok.encode(d)[0] for d in "0123"]  # one token per digit
 
 
+def test_fast_sampling_ratios_use_the_median_rates():
+  from benchmarks import fast_sampling
+  rate = lambda median: {"tokens_per_s": {"min": median / 2, "median": median, "max": 2 * median}}
+  rows = fast_sampling.add_ratios([
+      {"accuracy": 0.5, "batch1": rate(10.0), "batch8": rate(40.0)},
+      {"accuracy": 0.75, "batch1": rate(30.0), "batch8": rate(200.0)}])
+  assert [r["speedup_batch1"] for r in rows] == [1.0, 3.0]
+  assert [r["speedup_batch8"] for r in rows] == [1.0, 5.0]
+  assert [r["accuracy_change_points"] for r in rows] == [0.0, 25.0]
+
+
 def test_chat_benchmark_counts_compilations(fixture_dir):
   from benchmarks import chat  # pylint: disable=g-import-not-at-top
   # A context no other test uses: a model config of its own, so nothing is compiled yet.
