@@ -138,3 +138,30 @@ def test_block_sft_llada2_model_and_a_trained_style_block_sampling_row(tmp_path)
       tmp_path / "task_4_6")  # the one task dir next to the checkpoint
   with pytest.raises(ValueError, match="task: 0 task_"):
     block_sampling.find_task(str(tmp_path / "elsewhere" / "block_sft"), None)
+
+
+def test_accelerator_benchmark_writes_each_row_of_the_cut_8b_stack(tmp_path, capsys):
+  from benchmarks import accelerator  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "acc.json"
+  accelerator.main(["--small", "--layers", "1", "--batches", "1", "--gen_lengths", "16",
+                    "--block_length", "8", "--caches", "none", "--repeats", "1",
+                    "--train_batch", "8", "--train_seq", "32", "--train_steps", "1", "--output", str(out)])
+  result = json.loads(out.read_text())
+  assert result["model"]["layers"] == 1 and result["peak_flops_per_s"] > 0
+  parts = [(r["part"], r.get("cache")) for r in result["results"]]
+  assert parts == [("sample", "none"), ("train", None)]
+  none, step = result["results"]
+  assert none["tokens_per_s"]["median"] == 16 / none["seconds"]["median"]
+  assert none["mfu_full_forward"] > 0
+  assert step["mfu"] > 0 and step["step_seconds"]["min"] > 0
+  assert "cache none" in capsys.readouterr().out
+
+
+def test_accelerator_benchmark_refuses_bad_arguments(tmp_path):
+  import pytest  # pylint: disable=g-import-not-at-top
+  from benchmarks import accelerator  # pylint: disable=g-import-not-at-top
+  for argv in (["--caches", "none,full"], ["--gen_lengths", "20", "--block_length", "8"],
+               ["--official_dir", str(tmp_path)], ["--output", str(tmp_path)],
+               ["--train_batch", "3"]):  # the tests' 8 fake devices
+    with pytest.raises(SystemExit):
+      accelerator.parse_args(argv)
