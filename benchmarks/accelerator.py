@@ -154,10 +154,11 @@ class OfficialModel:
     from refllada.configuration_llada import LLaDAConfig  # pylint: disable=g-import-not-at-top
     from refllada.modeling_llada import LLaDAModelLM  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
+    from llada_jax.checkpoints.orbax import flat_params  # pylint: disable=g-import-not-at-top
     hf = {k: v for k, v in cfg.to_hf(cfg.dtype).items() if k not in HF_SKIP}
     model = LLaDAModelLM(LLaDAConfig(**hf), init_params=False)
     params = {path: np.asarray(jnp.asarray(v, jnp.float32))
-              for path, v in _flat(nnx.to_pure_dict(nnx.state(jax_model, nnx.Param))).items()}
+              for path, v in flat_params(nnx.state(jax_model, nnx.Param)).items()}
     state = {name: torch.from_numpy(np.array(w)) for name, w in hf_tensors(params, cfg)}
     model.load_state_dict(state, strict=True)
     self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -165,15 +166,6 @@ class OfficialModel:
 
   def __call__(self, input_ids, attention_mask=None):
     return self.m.model(input_ids=input_ids, attention_mask=attention_mask)
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-  """{"a/b": leaf} of a nested dict."""
-  out = {}
-  for k, v in tree.items():
-    path = f"{prefix}{k}"
-    out.update(_flat(v, path + "/") if isinstance(v, dict) else {path: v})
-  return out
 
 
 def official_generate(official_dir: str, model: OfficialModel, cfg: ModelConfig, **kw):
